@@ -25,7 +25,7 @@ def _build_decode_table() -> np.ndarray:
 
 def _encode_scalar(sample: int) -> int:
     sign = 0x80 if sample < 0 else 0
-    magnitude = min(abs(sample), _CLIP) + _BIAS
+    magnitude = min(~sample if sample < 0 else sample, _CLIP) + _BIAS  # G.191: one's complement
     exponent = max(magnitude.bit_length() - 8, 0)
     exponent = min(exponent, 7)
     mantissa = (magnitude >> (exponent + 3)) & 0x0F

@@ -1,0 +1,154 @@
+"""Server-sent events as OpenAI-compatible chat completions stream them.
+
+Two layers, both pure:
+
+* `SseDecoder` turns lines into event data, following the WHATWG
+  "event stream interpretation" rules that matter here: `data:` fields
+  accumulate (joined by "\\n"), a blank line dispatches, `:` starts a comment
+  (servers send these as keep-alives), other fields are ignored.
+* `parse_chat_event` turns one event's data into a text delta, the `DONE`
+  sentinel, or an `LlmStreamError` for the in-band error some servers send
+  after an HTTP 200 (`data: {"error": {...}}`).
+
+A connection that drops before `[DONE]` is the transport's business: the
+caller notices that `DONE` never came.
+"""
+
+import enum
+import json
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from agentd.errors import UpstreamUnavailable
+
+_BOM = "\ufeff"
+
+
+class LlmStreamError(UpstreamUnavailable):
+    """The chat stream reported an error, or sent data that is not a chunk."""
+
+    def __init__(self, message: str, *, error_type: str | None = None, code: str | None = None) -> None:
+        details = ", ".join(f"{k}={v}" for k, v in (("type", error_type), ("code", code)) if v is not None)
+        super().__init__(f"LLM stream error ({details}): {message}" if details else f"LLM stream error: {message}")
+        self.message = message
+        self.error_type = error_type
+        self.code = code
+
+
+class SseDecoder:
+    """Line-oriented SSE decoder: feed it lines, get each event's data back.
+
+    Lines may come with or without their terminator ("\\n", "\\r\\n" or "\\r";
+    it is stripped). One decoder per response stream.
+    """
+
+    def __init__(self) -> None:
+        self._data: list[str] = []
+        self._first_line = True
+
+    def feed_line(self, line: str) -> str | None:
+        """Process one line; return the event's data when this line completes one."""
+        line = line.rstrip("\r\n")
+        if self._first_line:
+            self._first_line = False
+            line = line.removeprefix(_BOM)  # the spec drops one BOM at the start of the stream
+        if not line:
+            return self._dispatch()
+        if line.startswith(":"):
+            return None  # comment / keep-alive
+        field, colon, value = line.partition(":")
+        if field == "data":
+            self._data.append(value[1:] if value.startswith(" ") else value)
+        # `event`, `id`, `retry` and unknown fields do not matter for chat completions.
+        return None
+
+    def flush(self) -> str | None:
+        """At end of stream: the pending event's data, if the last blank line never came."""
+        return self._dispatch()
+
+    def _dispatch(self) -> str | None:
+        if not self._data:
+            return None  # blank line with no data: nothing to dispatch
+        data = "\n".join(self._data)
+        self._data = []
+        return data
+
+
+class _Done(enum.Enum):
+    DONE = "[DONE]"
+
+    def __repr__(self) -> str:
+        return "DONE"
+
+
+DONE = _Done.DONE
+"""The end-of-stream sentinel (`data: [DONE]`)."""
+
+
+@dataclass(frozen=True, slots=True)
+class ChatDelta:
+    """One streamed piece of the reply (positional use is fine: two obvious fields)."""
+
+    text: str
+    finish_reason: str | None = None
+
+
+def _optional_str(value: Any) -> str | None:
+    return None if value is None else str(value)
+
+
+def _raise_in_band(error: Any) -> None:
+    if isinstance(error, dict):
+        raise LlmStreamError(
+            str(error.get("message") or "unspecified error"),
+            error_type=_optional_str(error.get("type")),
+            code=_optional_str(error.get("code")),
+        )
+    raise LlmStreamError(str(error))
+
+
+def _first_choice(chunk: dict) -> dict | None:
+    choices = chunk.get("choices")
+    if choices is None or choices == []:
+        return None  # usage-only or role-only chunks carry no choice
+    if not isinstance(choices, list) or not isinstance(choices[0], dict):
+        raise LlmStreamError(f"choices: expected a list of objects, got {str(choices)[:60]}")
+    return choices[0]
+
+
+def _delta_text(choice: dict) -> str:
+    delta = choice.get("delta")
+    if delta is None:
+        return ""
+    if not isinstance(delta, dict):
+        raise LlmStreamError(f"choices[0].delta: expected an object, got {str(delta)[:60]}")
+    content = delta.get("content")
+    if content is None:
+        return ""
+    if not isinstance(content, str):
+        raise LlmStreamError(f"choices[0].delta.content: expected a string, got {str(content)[:60]}")
+    return content
+
+
+def parse_chat_event(data: str) -> ChatDelta | Literal[_Done.DONE]:
+    """Interpret one SSE event's data from /chat/completions with stream=true.
+
+    Returns DONE for `[DONE]`; otherwise the first choice's delta text ("" when
+    absent or null, and for chunks without choices) and its finish_reason.
+    Raises LlmStreamError for an in-band `error` object and for data that is
+    not a JSON object shaped like a chat chunk.
+    """
+    if data.strip() == "[DONE]":
+        return DONE
+    try:
+        chunk = json.loads(data)
+    except (ValueError, RecursionError) as exc:
+        raise LlmStreamError(f"event data is not JSON: {data[:60]!r}") from exc
+    if not isinstance(chunk, dict):
+        raise LlmStreamError(f"event data is not a JSON object: {data[:60]!r}")
+    if chunk.get("error"):
+        _raise_in_band(chunk["error"])
+    choice = _first_choice(chunk)
+    if choice is None:
+        return ChatDelta(text="", finish_reason=None)
+    return ChatDelta(text=_delta_text(choice), finish_reason=_optional_str(choice.get("finish_reason")))
