@@ -1,0 +1,538 @@
+"""agentd's configuration: one frozen value object, loaded once.
+
+Theory of operation
+-------------------
+``load_config`` reads a TOML file (default: the repo's ``etc/agentd.toml``),
+layers environment overrides on top, and validates the result into a frozen
+``Config``.  Nothing else in agentd reads ``os.environ``.
+
+* Defaults live in ONE place: the dataclass defaults below.  The TOML file
+  documents every key and repeats its default; a test keeps the two equal.
+* Every key carries its unit in its name (``_ms``, ``_s``, ``_frames``).
+* Validation happens here, at load, and every ``ConfigError`` names the full
+  key (``stt.batch_ms: expected int ≥ 10, got -5``), plus the environment
+  variable when the value came from one.
+* Secrets never live in the file: keys that look like secrets are refused.
+  The LLM key is read by the adapter from the variable named by
+  ``llm.api_key_env`` (``Config.llm_api_key()``); Google uses
+  ``GOOGLE_APPLICATION_CREDENTIALS``.
+* ``Config.with_overrides`` turns a Config back into its TOML-shaped tree,
+  changes a few dotted keys and re-runs the very same validation.
+"""
+
+import dataclasses
+import difflib
+import math
+import os
+import re
+import tomllib
+import types
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from agentd.errors import ConfigError
+
+__all__ = [
+    "DEFAULT_CONFIG_PATH", "ENV_ALIASES", "ENV_PREFIX", "AudioConfig", "Business", "Config", "LlmConfig",
+    "Rule", "ServerConfig", "SttConfig", "TtsConfig", "TurnConfig", "VadConfig", "config_summary", "load_config",
+]
+
+DEFAULT_CONFIG_PATH = Path(__file__).resolve().parent.parent / "etc" / "agentd.toml"
+
+# The deployment's historical variable names; each maps to one dotted key.
+ENV_ALIASES: Mapping[str, str] = types.MappingProxyType({
+    "ENABLE_STREAMING_STT": "stt.streaming_enabled",
+    "STT_BATCH_MS": "stt.batch_ms",
+    "STT_PARTIAL_DEBOUNCE_MS": "stt.partial_debounce_ms",
+    "STT_TIMEOUT_MS": "stt.final_timeout_ms",
+    "VAD_HANGOVER_MS": "vad.hangover_ms",
+    "MIN_UTT_SEC": "turn.min_utt_s",
+    "REPLY_REFRACTORY_MS": "turn.refractory_ms",
+    "GCP_STT_LANGUAGE": "stt.language",
+    "GCP_STT_MODEL": "stt.model",
+    "GOOGLE_CLOUD_SPEECH_ENDPOINT": "stt.endpoint",
+})
+# Generic form: AGENTD__SECTION__KEY (or AGENTD__DEFAULT_BUSINESS); applied after the aliases.
+ENV_PREFIX = "AGENTD__"
+
+_SECRET_NAME = re.compile(r"api_?key|token|secret|passw(?:or)?d", re.IGNORECASE)
+_ENV_TRUE, _ENV_FALSE = ("1", "true", "yes"), ("0", "false", "no")
+
+
+# --- field constraints --------------------------------------------------------------------------
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class _Spec:
+    """Constraints on one key.  Strings and lists must be non-empty unless allow_empty."""
+
+    lo: float | None = None
+    hi: float | None = None
+    choices: tuple[str, ...] = ()
+    pattern: str = ""       # full-match regex
+    like: str = ""          # how to describe the pattern in an error
+    allow_empty: bool = False
+
+
+_PLAIN = _Spec()
+_MS = _Spec(lo=0)
+_TIMEOUT_MS = _Spec(lo=1)
+_SECONDS = _Spec(lo=0)
+_PORT_1_65535 = r"(?:[1-9]\d{0,3}|[1-5]\d{4}|6[0-4]\d{3}|65[0-4]\d{2}|655[0-2]\d|6553[0-5])"
+_ENDPOINT = _Spec(pattern=r"(?:[A-Za-z0-9](?:[A-Za-z0-9.-]*[A-Za-z0-9])?|\[[0-9A-Fa-f:.]+\]):" + _PORT_1_65535,
+                  like="host:port, e.g. eu-speech.googleapis.com:443")
+_LANGUAGE = _Spec(pattern=r"[a-z]{2,3}-[A-Z]{2}", like="xx-YY, e.g. he-IL")
+_NAME = _Spec(pattern=r"[A-Za-z0-9][A-Za-z0-9_.-]*", like="a name of letters, digits, _ . -")
+
+
+def _opt(default: Any, spec: _Spec = _PLAIN, **constraints: Any) -> Any:
+    """A dataclass field with a default and its constraints (from `spec`, adjusted by keywords)."""
+    return field(default=default, metadata={"spec": dataclasses.replace(spec, **constraints)})
+
+
+# --- the value object ---------------------------------------------------------------------------
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ServerConfig:
+    """[server]: the WebSocket endpoint Twilio connects to, and daemon-wide knobs."""
+
+    host: str = "0.0.0.0"
+    port: int = _opt(8080, lo=0, hi=65535)  # 0 = any free port (tests)
+    path: str = _opt("/media", pattern=r"/[^\s?#]*", like="/path")
+    max_message_bytes: int = _opt(65536, lo=1024)
+    max_calls: int = _opt(100, lo=1)
+    stats_interval_s: float = _opt(1.0, _SECONDS)  # 0 = no per-call stats line
+    telemetry_dir: str = _opt("", allow_empty=True)  # "" = telemetry off
+    log_level: str = _opt("INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"))
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class AudioConfig:
+    """[audio]: the outbound (TX) frame queue, 20 ms frames."""
+
+    tx_queue_frames: int = _opt(120, lo=1)
+    tx_lead_frames: int = _opt(5, lo=0)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class VadConfig:
+    """[vad]: WebRTC VAD on the caller's audio."""
+
+    aggressiveness: int = _opt(2, lo=0, hi=3)
+    speech_start_ms: int = _opt(60, _MS)
+    hangover_ms: int = _opt(220, _MS)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TurnConfig:
+    """[turn]: end-of-turn, breath and barge-in timing."""
+
+    min_utt_s: float = _opt(0.6, _SECONDS)
+    min_silence_short_s: float = _opt(0.5, _SECONDS)
+    min_silence_long_s: float = _opt(1.8, _SECONDS)
+    long_utterance_s: float = _opt(2.0, _SECONDS)
+    refractory_ms: int = _opt(1100, _MS)
+    breath_min_ms: int = _opt(50, _MS)
+    breath_max_ms: int = _opt(120, _MS)
+    barge_in_enabled: bool = True
+    barge_in_min_ms: int = _opt(300, _MS)
+    greeting_barge_in: bool = True
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SttConfig:
+    """[stt]: Google Speech-to-Text v1 StreamingRecognize."""
+
+    endpoint: str = _opt("eu-speech.googleapis.com:443", _ENDPOINT)
+    tls: bool = True
+    language: str = _opt("he-IL", _LANGUAGE)
+    model: str = "default"
+    use_enhanced: bool = False
+    automatic_punctuation: bool = True
+    streaming_enabled: bool = True
+    batch_ms: int = _opt(60, lo=10)
+    partial_debounce_ms: int = _opt(90, _MS)
+    final_timeout_ms: int = _opt(320, _MS)
+    open_attempts: int = _opt(3, lo=1)
+    open_timeout_ms: int = _opt(3000, _TIMEOUT_MS)
+    fallback_timeout_ms: int = _opt(5000, _TIMEOUT_MS)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TtsConfig:
+    """[tts]: Google Text-to-Speech v1."""
+
+    endpoint: str = _opt("texttospeech.googleapis.com:443", _ENDPOINT)
+    tls: bool = True
+    timeout_ms: int = _opt(5000, _TIMEOUT_MS)
+    speaking_rate: float = _opt(1.0, lo=0.25, hi=4.0)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class LlmConfig:
+    """[llm]: an OpenAI-compatible chat completions endpoint (streamed)."""
+
+    base_url: str = _opt("https://api.openai.com/v1", pattern=r"https?://[^\s/?#]+(?:/[^\s?#]*)?",
+                         like="http(s)://host[/path]")
+    model: str = "gpt-4o-mini"
+    api_key_env: str = _opt("OPENAI_API_KEY", pattern=r"[A-Za-z_][A-Za-z0-9_]*", like="an environment "
+                            "variable name", allow_empty=True)  # "" = send no key (localcloud)
+    max_tokens_param: str = _opt("max_completion_tokens", choices=("max_tokens", "max_completion_tokens"))
+    max_tokens: int = _opt(150, lo=1)
+    temperature: float | None = _opt(None, lo=0.0, hi=2.0)  # unset = the server's default
+    timeout_ms: int = _opt(10000, _TIMEOUT_MS)
+    first_token_timeout_ms: int = _opt(4000, _TIMEOUT_MS)
+    history_turns: int = _opt(12, lo=0)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Rule:
+    """A canned reply for localcloud's `rules` LLM engine; agentd itself never reads rules."""
+
+    keywords: tuple[str, ...]
+    reply: str
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Business:
+    """[businesses.NAME]: who the agent is on a call.  `language` defaults to stt.language."""
+
+    name: str
+    language: str = _opt(dataclasses.MISSING, _LANGUAGE)  # required here; the loader fills in stt.language
+    voice: str
+    greeting: str
+    system_prompt: str
+    apology: str = _opt("", allow_empty=True)  # said when the LLM fails; "" = say nothing
+    fillers: tuple[str, ...] = _opt((), allow_empty=True)
+    log_transcripts: bool = False
+    rules: tuple[Rule, ...] = ()
+    fallback_reply: str = _opt("", allow_empty=True)
+
+
+_SECTIONS: Mapping[str, type] = types.MappingProxyType({
+    "server": ServerConfig, "audio": AudioConfig, "vad": VadConfig, "turn": TurnConfig,
+    "stt": SttConfig, "tts": TtsConfig, "llm": LlmConfig,
+})
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Config:
+    """The whole configuration.  Build it with `load_config`; derive variants with `with_overrides`."""
+
+    server: ServerConfig = field(default_factory=ServerConfig)
+    audio: AudioConfig = field(default_factory=AudioConfig)
+    vad: VadConfig = field(default_factory=VadConfig)
+    turn: TurnConfig = field(default_factory=TurnConfig)
+    stt: SttConfig = field(default_factory=SttConfig)
+    tts: TtsConfig = field(default_factory=TtsConfig)
+    llm: LlmConfig = field(default_factory=LlmConfig)
+    businesses: Mapping[str, Business]
+    default_business: str = "default"
+
+    def business(self, name: str | None) -> Business:
+        """The business called `name`, or the default business when `name` is None or unknown."""
+        return self.businesses.get(name or "", self.businesses[self.default_business])
+
+    def llm_api_key(self, env: Mapping[str, str] | None = None) -> str | None:
+        """The LLM API key from the variable named by llm.api_key_env (env None: os.environ).
+
+        None when llm.api_key_env is "" or the variable is unset or empty (e.g. localcloud).
+        Read on demand, never stored, so the key appears in no repr or log of the Config.
+        """
+        name = self.llm.api_key_env
+        return ((os.environ if env is None else env).get(name) or None) if name else None
+
+    def with_overrides(self, **overrides: Any) -> "Config":
+        """A new, fully validated Config with dotted keys replaced.
+
+        ``cfg.with_overrides(**{"stt.endpoint": "127.0.0.1:5005", "stt.tls": False})``.
+        Any dotted path into the TOML tree works (``businesses.acme.greeting``); None
+        removes the key, i.e. restores its default.  Raises ConfigError like load_config.
+        """
+        raw = _to_tree(self)
+        for key, value in overrides.items():
+            _set_dotted(raw, key, value)
+        return _build(raw, {})
+
+
+# --- introspection of the dataclasses above ------------------------------------------------------
+
+@dataclass(frozen=True, slots=True)
+class _Key:
+    kind: str          # bool | int | float | str | strs | rules
+    optional: bool     # None allowed (meaning: unset)
+    spec: _Spec
+    required: bool
+
+
+_KINDS = {bool: "bool", int: "int", float: "float", str: "str", tuple[str, ...]: "strs",
+          tuple[Rule, ...]: "rules"}
+_KIND_NAMES = {"bool": "bool", "int": "int", "float": "number", "str": "string", "strs": "list of strings"}
+
+
+def _keys(cls: type, skip: tuple[str, ...] = ()) -> dict[str, _Key]:
+    """The TOML keys a dataclass accepts, derived from its fields."""
+    out = {}
+    for f in dataclasses.fields(cls):
+        if f.name in skip:
+            continue
+        args = f.type.__args__ if isinstance(f.type, types.UnionType) else (f.type,)
+        kind = _KINDS[next(a for a in args if a is not type(None))]
+        required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+        out[f.name] = _Key(kind, type(None) in args, f.metadata.get("spec", _PLAIN), required)
+    return out
+
+
+_SECTION_KEYS = {name: _keys(cls) for name, cls in _SECTIONS.items()}
+_TOP_KEYS = {"default_business": _Key("str", False, _NAME, False)}
+_BUSINESS_KEYS = _keys(Business, skip=("name",))
+_RULE_KEYS = _keys(Rule)
+_KNOWN_NAMES = frozenset().union(*_SECTION_KEYS.values(), _TOP_KEYS, _BUSINESS_KEYS, _RULE_KEYS)
+
+
+def _describe(key: _Key) -> str:
+    """What a valid value looks like, for error messages: 'int ≥ 10', 'one of a, b'."""
+    spec, name = key.spec, _KIND_NAMES[key.kind]
+    if spec.choices:
+        text = "one of " + ", ".join(spec.choices)
+    elif spec.like:
+        text = f"{name} like {spec.like}"
+    elif spec.lo is not None and spec.hi is not None:
+        text = f"{name} in {spec.lo}..{spec.hi}"
+    elif spec.lo is not None:
+        text = f"{name} ≥ {spec.lo}"
+    elif key.kind in ("str", "strs") and not spec.allow_empty:
+        text = f"non-empty {name}"
+    else:
+        text = name
+    return text + (" (or unset)" if key.optional else "")
+
+
+def _type_ok(kind: str, value: Any) -> bool:
+    if kind in ("int", "float") and isinstance(value, bool):
+        return False  # bool is an int subclass; `port = true` is a mistake, not 1
+    if kind == "float":
+        return isinstance(value, int | float) and math.isfinite(value)
+    if kind == "strs":
+        return isinstance(value, list | tuple) and all(isinstance(item, str) and item for item in value)
+    return isinstance(value, {"bool": bool, "int": int, "str": str}[kind])
+
+
+def _in_spec(key: _Key, value: Any) -> bool:
+    spec = key.spec
+    if key.kind in ("str", "strs") and len(value) == 0:
+        return spec.allow_empty
+    return ((spec.lo is None or value >= spec.lo) and (spec.hi is None or value <= spec.hi)
+            and (not spec.choices or value in spec.choices)
+            and (not spec.pattern or re.fullmatch(spec.pattern, value) is not None))
+
+
+# --- validation ----------------------------------------------------------------------------------
+
+class _Validator:
+    """Turns the raw TOML tree into a Config; every failure names its dotted key."""
+
+    def __init__(self, origins: Mapping[str, str]) -> None:
+        self._origins = origins  # dotted key -> environment variable it came from
+
+    def fail(self, key: str, text: str) -> ConfigError:
+        source = self._origins.get(key)
+        return ConfigError(f"{key} (from env {source}): {text}" if source else f"{key}: {text}")
+
+    def value(self, path: str, value: Any, key: _Key) -> Any:
+        """Type-check and range-check one value; ints are accepted for floats, bools never for ints."""
+        if key.kind == "rules":
+            return self.rules(path, value)
+        if not (_type_ok(key.kind, value) and _in_spec(key, value)):
+            raise self.fail(path, f"expected {_describe(key)}, got {value!r}")
+        if key.kind == "float":
+            return float(value)
+        return tuple(value) if key.kind == "strs" else value
+
+    def table(self, path: str, table: Any, keys: Mapping[str, _Key]) -> dict[str, Any]:
+        """Validate one TOML table against `keys`: unknown and missing keys, then each value."""
+        if not isinstance(table, dict):
+            raise self.fail(path, f"expected a table, got {table!r}")
+        for name in table:
+            if name not in keys:
+                close = difflib.get_close_matches(name, list(keys), n=1)
+                hint = f"did you mean {close[0]}?" if close else "known: " + ", ".join(keys)
+                raise self.fail(f"{path}.{name}", f"unknown key ({hint})")
+        for name, key in keys.items():
+            if key.required and name not in table:
+                raise self.fail(f"{path}.{name}", "missing")
+        return {name: self.value(f"{path}.{name}", v, keys[name]) for name, v in table.items()}
+
+    def rules(self, path: str, value: Any) -> tuple[Rule, ...]:
+        if not isinstance(value, list):
+            raise self.fail(path, f"expected an array of tables ([[{path}]]), got {value!r}")
+        return tuple(Rule(**self.table(f"{path}[{i}]", item, _RULE_KEYS)) for i, item in enumerate(value))
+
+    def businesses(self, raw: Any, language: str) -> dict[str, Business]:
+        if not isinstance(raw, dict) or not raw:
+            raise self.fail("businesses", "at least one [businesses.NAME] table is required")
+        out = {}
+        for name, table in raw.items():
+            self.value(f"businesses.{name}", name, _Key("str", False, _NAME, True))
+            if isinstance(table, dict):
+                table = {"language": language, **table}
+            out[name] = Business(name=name, **self.table(f"businesses.{name}", table, _BUSINESS_KEYS))
+        return out
+
+    def cross_checks(self, sections: Mapping[str, Any]) -> None:
+        """Constraints that involve two keys; the error names the one to change."""
+        pairs = [("audio.tx_lead_frames", "audio.tx_queue_frames"),
+                 ("turn.breath_min_ms", "turn.breath_max_ms"),
+                 ("turn.min_silence_short_s", "turn.min_silence_long_s")]
+        for small, big in pairs:
+            a, b = (getattr(sections[k.split(".")[0]], k.split(".")[1]) for k in (small, big))
+            if a > b:
+                raise self.fail(small, f"must be ≤ {big} ({b}), got {a}")
+
+
+def _build(raw: Mapping[str, Any], origins: Mapping[str, str]) -> Config:
+    """Validate the merged raw tree into a Config."""
+    check = _Validator(origins)
+    _reject_secrets(raw, "")
+    for name in raw:
+        if name not in _SECTIONS and name not in _TOP_KEYS and name != "businesses":
+            raise check.fail(name, "unknown section (known: " + ", ".join([*_SECTIONS, "businesses"]) + ")")
+    sections = {name: cls(**check.table(name, raw.get(name, {}), _SECTION_KEYS[name]))
+                for name, cls in _SECTIONS.items()}
+    check.cross_checks(sections)
+    businesses = check.businesses(raw.get("businesses"), sections["stt"].language)
+    top = {name: check.value(name, raw[name], key) for name, key in _TOP_KEYS.items() if name in raw}
+    config = Config(**sections, **top, businesses=types.MappingProxyType(businesses))
+    if config.default_business not in businesses:
+        raise check.fail("default_business", f"{config.default_business!r} is not a configured business "
+                         f"(have: {', '.join(sorted(businesses))})")
+    return config
+
+
+def _reject_secrets(node: Any, path: str) -> None:
+    """Refuse secret-looking keys anywhere in the tree (checked before 'unknown key' for a better hint)."""
+    items = node.items() if isinstance(node, dict) else enumerate(node) if isinstance(node, list) else ()
+    for name, child in items:
+        here = f"{path}[{name}]" if isinstance(name, int) else f"{path}.{name}".lstrip(".")
+        if isinstance(name, str) and _SECRET_NAME.search(name) and name not in _KNOWN_NAMES:
+            raise ConfigError(
+                f"{here}: looks like a secret; secrets never go in the config file. Put them in the "
+                "environment (/etc/agentd/agentd.env: OPENAI_API_KEY, TWILIO_AUTH_TOKEN) or a credential "
+                "file (GOOGLE_APPLICATION_CREDENTIALS); llm.api_key_env names the LLM key's variable")
+        _reject_secrets(child, here)
+
+
+def _to_tree(value: Any) -> Any:
+    """The TOML-shaped tree of a Config (or part of one); None values are left out, as in TOML."""
+    if isinstance(value, Config):
+        tree = {name: _to_tree(getattr(value, name)) for name in (*_SECTIONS, "default_business")}
+        return {**tree, "businesses": {name: _to_tree(b) for name, b in value.businesses.items()}}
+    if dataclasses.is_dataclass(value):
+        skip = ("name",) if isinstance(value, Business) else ()  # a business's name is its table's name
+        return {f.name: _to_tree(v) for f in dataclasses.fields(value)
+                if f.name not in skip and (v := getattr(value, f.name)) is not None}
+    return [_to_tree(item) for item in value] if isinstance(value, tuple) else value
+
+
+def _set_dotted(raw: dict[str, Any], dotted: str, value: Any) -> None:
+    """Set (or, for None, remove) `a.b.c` in a nested dict, creating tables on the way."""
+    *parents, last = dotted.split(".")
+    if not last or not all(parents):
+        raise ConfigError(f"{dotted!r}: not a dotted key like 'stt.endpoint'")
+    node = raw
+    for i, part in enumerate(parents):
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"{dotted}: {'.'.join(parents[:i + 1])} is not a table")
+    if value is None:
+        node.pop(last, None)
+    else:
+        node[last] = list(value) if isinstance(value, tuple) else value
+
+
+# --- environment ---------------------------------------------------------------------------------
+
+def _env_key(var: str) -> str:
+    """The dotted key an AGENTD__SECTION__KEY variable names, or ConfigError naming the variable."""
+    parts = var[len(ENV_PREFIX):].lower().split("__")
+    dotted = ".".join(parts)
+    if len(parts) == 1 and dotted in _TOP_KEYS:
+        return dotted
+    if len(parts) != 2 or parts[0] not in _SECTION_KEYS:
+        raise ConfigError(f"{var}: expected {ENV_PREFIX}SECTION__KEY with SECTION one of "
+                          f"{', '.join(s.upper() for s in _SECTION_KEYS)} (businesses live only in the file)")
+    if _SECRET_NAME.search(parts[1]) and parts[1] not in _KNOWN_NAMES:
+        raise ConfigError(f"{var}: secrets are not config; the LLM key is read from the variable "
+                          "named by llm.api_key_env")
+    if parts[1] not in _SECTION_KEYS[parts[0]]:
+        raise ConfigError(f"{var}: unknown key {dotted}")
+    return dotted
+
+
+def _parse_env(var: str, dotted: str, text: str) -> Any:
+    """Parse an environment string as the key's type; None means 'unset' (optional keys only)."""
+    section, _, name = dotted.rpartition(".")
+    key = _SECTION_KEYS[section][name] if section else _TOP_KEYS[name]
+    text = text.strip()
+    try:
+        if key.optional and text.lower() in ("", "none"):
+            return None
+        if key.kind == "bool":
+            if text.lower() not in _ENV_TRUE + _ENV_FALSE:
+                raise ValueError(text)
+            return text.lower() in _ENV_TRUE
+        return {"int": int, "float": float}.get(key.kind, str)(text)
+    except ValueError:
+        hint = "1/0/true/false/yes/no" if key.kind == "bool" else _describe(key)
+        raise ConfigError(f"{dotted} (from env {var}): expected {hint}, got {text!r}") from None
+
+
+def _env_overrides(env: Mapping[str, str]) -> tuple[dict[str, Any], dict[str, str]]:
+    """(dotted key -> typed value, dotted key -> variable name) from the environment."""
+    found = [(var, dotted) for var, dotted in ENV_ALIASES.items() if var in env]
+    found += [(var, _env_key(var)) for var in sorted(env) if var.startswith(ENV_PREFIX)]
+    values = {dotted: _parse_env(var, dotted, env[var]) for var, dotted in found}
+    return values, {dotted: var for var, dotted in found}
+
+
+# --- entry points --------------------------------------------------------------------------------
+
+def load_config(path: str | os.PathLike[str] | None = None, env: Mapping[str, str] | None = None) -> Config:
+    """Read the TOML file (None: the repo's etc/agentd.toml), apply env overrides, validate.
+
+    `env` None means os.environ.  Raises ConfigError naming the file, key or variable at fault.
+    """
+    file = Path(path) if path is not None else DEFAULT_CONFIG_PATH
+    try:
+        with open(file, "rb") as fh:
+            raw = tomllib.load(fh)
+    except OSError as exc:
+        raise ConfigError(f"{file}: cannot read config ({exc.strerror or exc})") from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{file}: invalid TOML: {exc}") from exc
+    values, origins = _env_overrides(os.environ if env is None else env)
+    for dotted, value in values.items():
+        _set_dotted(raw, dotted, value)
+    return _build(raw, origins)
+
+
+def config_summary(config: Config) -> str:
+    """A few log-friendly lines describing the config: no secrets, no prompts."""
+    s, st, t, llm, tu = config.server, config.stt, config.tts, config.llm, config.turn
+    on = {True: "on", False: "off"}
+    businesses = ", ".join(
+        f"{b.name}{'*' if b.name == config.default_business else ''}({b.language} {b.voice})"
+        for b in config.businesses.values())
+    return "\n".join([
+        f"server {s.host}:{s.port}{s.path} max_calls={s.max_calls} log={s.log_level} "
+        f"telemetry={s.telemetry_dir or 'off'}",
+        f"stt {st.endpoint} tls={on[st.tls]} lang={st.language} model={st.model} "
+        f"streaming={on[st.streaming_enabled]} batch={st.batch_ms}ms final_timeout={st.final_timeout_ms}ms",
+        f"tts {t.endpoint} tls={on[t.tls]} timeout={t.timeout_ms}ms rate={t.speaking_rate}",
+        f"llm {llm.base_url} model={llm.model} key_env={llm.api_key_env or '-'} "
+        f"{llm.max_tokens_param}={llm.max_tokens} ttft_timeout={llm.first_token_timeout_ms}ms",
+        f"turn min_utt={tu.min_utt_s}s silence={tu.min_silence_short_s}/{tu.min_silence_long_s}s "
+        f"refractory={tu.refractory_ms}ms barge_in={on[tu.barge_in_enabled]} vad={config.vad.aggressiveness}",
+        f"businesses {businesses}",
+    ])
