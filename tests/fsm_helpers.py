@@ -1,0 +1,129 @@
+"""Builders that bring a CallFSM into each state through real events.
+
+Every builder drives the public ``handle`` API only (no private attributes),
+asserts the state it promises, and leaves the call clock at ``now``: the last
+event it fed happened at ``now``. Keyword overrides are TurnSettings fields
+(plus ``rng``), e.g. ``speaking_fsm(now=20.0, barge_in_enabled=False)``.
+"""
+
+from __future__ import annotations
+
+import random
+import typing
+
+from agentd.fsm import (
+    BeginPlayback, CallFSM, CallStarted, Event, Final, Partial, PlaybackDone, ReplyAudioReady, SpeechEnded,
+    Hangup, SpeechStarted, StartReply, State, Tick, TurnSettings,
+)
+
+DEFAULTS = TurnSettings()
+RNG_SEED = 20240611
+
+#: Every event type the FSM knows, read from the ``Event`` union so a new type
+#: is walked by the table tests without editing them.
+EVENT_TYPES: tuple[type, ...] = typing.get_args(Event)
+
+
+def new_fsm(*, rng: random.Random | None = None, **settings) -> CallFSM:
+    """A fresh FSM (GREETING, nothing played yet); ``rng`` defaults to ``Random(RNG_SEED)``."""
+    return CallFSM(TurnSettings(**settings), rng=rng or random.Random(RNG_SEED))
+
+
+def greeting_fsm(now: float = 0.0, **settings) -> CallFSM:
+    """The greeting has been started at ``now``."""
+    fsm = new_fsm(**settings)
+    fsm.handle(CallStarted(at=now))
+    assert fsm.state is State.GREETING
+    return fsm
+
+
+def refractory_fsm(now: float = 5.0, **settings) -> CallFSM:
+    """The greeting finished playing at ``now``; the refractory window is open."""
+    fsm = greeting_fsm(now=now - 3.0, **settings)
+    fsm.handle(PlaybackDone(at=now, reply=0))
+    assert fsm.state is State.REFRACTORY
+    return fsm
+
+
+def listening_fsm(now: float = 10.0, **settings) -> CallFSM:
+    """The refractory window closed exactly at ``now``; no utterance is open."""
+    refractory_s = settings.get("refractory_s", DEFAULTS.refractory_s)
+    fsm = refractory_fsm(now=now - refractory_s, **settings)
+    assert fsm.handle(Tick(at=now)) == []
+    assert fsm.state is State.LISTENING
+    assert fsm.next_deadline() == float("inf")
+    return fsm
+
+
+def finalizing_fsm(now: float = 12.0, partial: str = "what time do you", **settings) -> CallFSM:
+    """End of turn was declared at ``now``; only a partial is in, so the FSM waits.
+
+    The utterance ran from ``now - 1.5`` to ``now - 0.5`` (short silence rule).
+    """
+    fsm = listening_fsm(now=now - 2.0, **settings)
+    fsm.handle(SpeechStarted(at=now - 1.5))
+    fsm.handle(Partial(at=now - 0.7, text=partial, audio_end_at=now - 0.7))
+    fsm.handle(SpeechEnded(at=now - 0.5))
+    assert fsm.handle(Tick(at=now)) == []
+    assert fsm.state is State.FINALIZING
+    return fsm
+
+
+def thinking_fsm(now: float = 14.0, text: str = "what time do you open", **settings) -> CallFSM:
+    """Reply 1 was committed at ``now`` for ``text`` (speech ``now-1.5`` .. ``now-0.5``)."""
+    fsm = listening_fsm(now=now - 2.0, **settings)
+    fsm.handle(SpeechStarted(at=now - 1.5))
+    fsm.handle(SpeechEnded(at=now - 0.5))
+    fsm.handle(Final(at=now - 0.3, text=text, audio_end_at=now - 0.5))
+    assert fsm.handle(Tick(at=now)) == [
+        StartReply(reply=1, text=text, speech_start_at=now - 1.5, speech_end_at=now - 0.5)
+    ]
+    assert fsm.state is State.THINKING
+    return fsm
+
+
+def speaking_fsm(now: float = 16.0, **settings) -> CallFSM:
+    """Reply 1 is playing; playback began (after the breath) shortly before ``now``."""
+    fsm = thinking_fsm(now=now - 1.0, **settings)
+    fsm.handle(ReplyAudioReady(at=now - 0.5, reply=1))
+    assert fsm.next_deadline() <= now
+    assert fsm.handle(Tick(at=now)) == [BeginPlayback(reply=1)]
+    assert fsm.state is State.SPEAKING
+    return fsm
+
+
+def ended_fsm(now: float = 18.0, **settings) -> CallFSM:
+    """The caller hung up at ``now`` while reply 1 was playing."""
+    fsm = speaking_fsm(now=now - 1.0, **settings)
+    fsm.handle(Hangup(at=now))
+    assert fsm.state is State.ENDED
+    return fsm
+
+
+#: One builder per state, for tests that walk the whole table.
+BUILDERS = {
+    State.GREETING: greeting_fsm,
+    State.REFRACTORY: refractory_fsm,
+    State.LISTENING: listening_fsm,
+    State.FINALIZING: finalizing_fsm,
+    State.THINKING: thinking_fsm,
+    State.SPEAKING: speaking_fsm,
+    State.ENDED: ended_fsm,
+}
+
+
+def sample_event(event_type: type, at: float) -> Event:
+    """A plausible instance of ``event_type`` at ``at`` (for table walks)."""
+    if event_type in (Partial, Final):
+        return event_type(at=at, text="hello there", audio_end_at=at)
+    if event_type in (ReplyAudioReady, PlaybackDone):
+        return event_type(at=at, reply=1)
+    return event_type(at=at)
+
+
+def tick_until_quiet(fsm: CallFSM, until: float) -> list:
+    """Tick at each deadline up to ``until`` (like a driver would); all actions, in order."""
+    actions: list = []
+    while fsm.next_deadline() <= until:
+        actions += fsm.handle(Tick(at=fsm.next_deadline()))
+    return actions
