@@ -1,0 +1,274 @@
+"""The LLM seam: an OpenAI-compatible /chat/completions, streamed over SSE.
+
+`ChatModel` is the one-method seam the rest of agentd depends on; `OpenAIChat`
+implements it with one pooled `httpx.AsyncClient` (shared by every call, so
+TLS is paid once, not per turn).
+
+Usage::
+
+    async with chat.stream(messages) as deltas:
+        async for text in deltas:      # non-empty text pieces, in order
+            ...
+
+How it fails (always `UpstreamUnavailable`, so the call degrades, never hangs):
+
+* HTTP non-2xx: raised on entering `stream()`, with the status and a short
+  excerpt of the body (at most 2 KB is read).
+* In-band `data: {"error": ...}` after a 200: `LlmStreamError` (already an
+  `UpstreamUnavailable`) from the iterator, after the deltas before it.
+* Connection cut before `data: [DONE]`: the deltas received are yielded, then
+  the iterator raises "stream cut before [DONE]"; the caller decides what to
+  keep of a truncated reply.
+* Any `httpx.HTTPError` (connect, TLS, protocol, httpx's own timeouts):
+  translated here, once, `from exc`.
+* Our two timeouts, on Trio's clock (so `MockClock` drives them in tests):
+  - `first_token_timeout_s`: no non-empty text within this long of the request
+    start. Keep-alive comments and role-only chunks do not count.
+  - `timeout_s`: the total time this request may spend *waiting on the
+    server* (connect, headers, every read). Time the caller spends between
+    deltas (speaking a sentence, say) is not counted, so a slow consumer never
+    times out a healthy stream, while a server that trickles keep-alives
+    forever still does.
+
+Why no cancel scope ever wraps a `yield`: Trio forbids a cancel scope that
+spans a generator's yield (the scope would leak into the consumer's code).
+The deltas are therefore an explicit iterator class whose `__anext__` puts a
+deadline around each single await of the next line, and nothing else.
+Cancellation from outside (barge-in) is never translated: it propagates, and
+the response is closed on the way out.
+"""
+
+import contextlib
+from collections.abc import AsyncIterator, Awaitable, Iterator, Mapping, Sequence
+from contextlib import AbstractAsyncContextManager, aclosing, asynccontextmanager
+from dataclasses import dataclass
+from typing import Protocol, TypeVar
+
+import httpx
+import trio
+
+from agentd.codecs.sse import DONE, SseDecoder, parse_chat_event
+from agentd.errors import UpstreamUnavailable
+
+__all__ = ["ChatModel", "ChatSettings", "OpenAIChat", "build_messages"]
+
+_T = TypeVar("_T")
+
+_EXCERPT_BYTES = 2048  # how much of an error body we read, at most
+_EXCERPT_CHARS = 300  # how much of it goes into the message
+# After [DONE] the body's terminating chunk is normally already buffered;
+# reading it lets httpx return the connection to the pool instead of closing
+# it. Bounded so a misbehaving server cannot delay the end of the reply.
+_DRAIN_AFTER_DONE_S = 0.25
+_HISTORY_ROLES = frozenset({"user", "assistant"})
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ChatSettings:
+    """What `OpenAIChat` sends and how long it waits (seconds, Trio clock)."""
+
+    base_url: str  # e.g. "https://api.openai.com/v1"; "/chat/completions" is appended
+    model: str
+    max_tokens_param: str = "max_completion_tokens"  # some compatible servers only know "max_tokens"
+    max_tokens: int = 150
+    temperature: float | None = None  # None: omitted, the server's default applies
+    timeout_s: float = 10.0  # total time spent waiting on the server, per request
+    first_token_timeout_s: float = 4.0  # from request start to the first non-empty text
+
+
+class ChatModel(Protocol):
+    """The one-method seam for the language model."""
+
+    def stream(self, messages: Sequence[Mapping[str, str]]) -> AbstractAsyncContextManager[AsyncIterator[str]]:
+        """Start a reply to `messages`; the context yields its text deltas (non-empty, in order)."""
+        ...
+
+
+def build_messages(system_prompt: str, history: Sequence[tuple[str, str]], user_text: str) -> list[dict[str, str]]:
+    """The chat `messages` list: system prompt, then history in order, then the new user turn.
+
+    `history` items are `(role, content)` with role "user" or "assistant";
+    any other role is our own bug and raises ValueError. An empty system
+    prompt is left out.
+    """
+    messages = [{"role": "system", "content": system_prompt}] if system_prompt else []
+    for role, content in history:
+        if role not in _HISTORY_ROLES:
+            raise ValueError(f"history role must be 'user' or 'assistant', got {role!r}")
+        messages.append({"role": role, "content": content})
+    messages.append({"role": "user", "content": user_text})
+    return messages
+
+
+class OpenAIChat:
+    """`ChatModel` over an OpenAI-compatible HTTP API.
+
+    `client` is shared and owned by the caller (one per process, for
+    connection pooling); its own httpx timeouts still apply per operation and
+    surface as `UpstreamUnavailable` like any other transport error.
+    `api_key` None (or "") sends no Authorization header (local servers).
+    """
+
+    def __init__(self, client: httpx.AsyncClient, settings: ChatSettings, api_key: str | None) -> None:
+        self._client = client
+        self._settings = settings
+        self._url = settings.base_url.rstrip("/") + "/chat/completions"
+        self._headers = {"Accept": "text/event-stream"}
+        if api_key:
+            self._headers["Authorization"] = f"Bearer {api_key}"
+
+    def __repr__(self) -> str:
+        return f"OpenAIChat(url={self._url!r}, model={self._settings.model!r})"
+
+    @asynccontextmanager
+    async def stream(self, messages: Sequence[Mapping[str, str]]) -> AsyncIterator[AsyncIterator[str]]:
+        """POST the request; yield an iterator of text deltas; always close the response.
+
+        Raises UpstreamUnavailable on entry for transport errors, non-2xx
+        statuses and timeouts before the headers; the iterator raises it for
+        failures mid-stream (see the module docstring).
+        """
+        timer = _RequestTimer(self._settings)
+        request = self._client.build_request("POST", self._url, json=self._body(messages), headers=self._headers)
+        with _translate_http_errors("chat request failed"):
+            response = await timer.wait(self._client.send(request, stream=True))
+        try:
+            await _raise_for_status(response, timer)
+            async with aclosing(response.aiter_lines()) as lines:
+                yield _Deltas(lines, timer)
+        finally:
+            await response.aclose()
+
+    def _body(self, messages: Sequence[Mapping[str, str]]) -> dict:
+        body: dict = {
+            "model": self._settings.model,
+            "messages": [dict(message) for message in messages],
+            "stream": True,
+            self._settings.max_tokens_param: self._settings.max_tokens,
+        }
+        if self._settings.temperature is not None:
+            body["temperature"] = self._settings.temperature
+        return body
+
+
+class _RequestTimer:
+    """The two deadlines of one request, on Trio's clock (see the module docstring)."""
+
+    def __init__(self, settings: ChatSettings) -> None:
+        self._first_token_timeout_s = settings.first_token_timeout_s
+        self._first_token_deadline = trio.current_time() + settings.first_token_timeout_s
+        self._timeout_s = settings.timeout_s
+        self._budget_s = settings.timeout_s
+        self.got_first_token = False
+
+    async def wait(self, awaitable: Awaitable[_T]) -> _T:
+        """Await one server step; raise UpstreamUnavailable if a deadline passes first."""
+        started = trio.current_time()
+        deadline, reason = self._deadline(started)
+        try:
+            with trio.move_on_at(deadline):
+                return await awaitable
+        finally:
+            self._budget_s -= trio.current_time() - started
+        raise UpstreamUnavailable(reason)
+
+    def _deadline(self, now: float) -> tuple[float, str]:
+        budget_deadline = now + max(self._budget_s, 0.0)
+        if not self.got_first_token and self._first_token_deadline <= budget_deadline:
+            return self._first_token_deadline, f"LLM: no first token within {self._first_token_timeout_s:g}s"
+        return budget_deadline, f"LLM: reply not complete after {self._timeout_s:g}s of waiting"
+
+
+class _Deltas:
+    """The iterator handed to the caller: text deltas until [DONE], or an error.
+
+    Not an async generator on purpose: each `__anext__` wraps only its own
+    awaits in deadlines, so no cancel scope ever spans a suspension in the
+    consumer's code.
+    """
+
+    def __init__(self, lines: AsyncIterator[str], timer: _RequestTimer) -> None:
+        self._lines = lines
+        self._timer = timer
+        self._decoder = SseDecoder()
+        self._finished = False
+
+    def __aiter__(self) -> "_Deltas":
+        return self
+
+    async def __anext__(self) -> str:
+        if self._finished:
+            raise StopAsyncIteration
+        try:
+            return await self._next_text()
+        except BaseException:
+            self._finished = True  # after an error, cancellation or the end: stay ended
+            raise
+
+    async def _next_text(self) -> str:
+        while True:
+            event = parse_chat_event(await self._next_event_data())
+            if event is DONE:
+                await self._drain()
+                raise StopAsyncIteration
+            if event.text:
+                self._timer.got_first_token = True
+                return event.text
+
+    async def _next_event_data(self) -> str:
+        """The data of the next complete SSE event; end of body before [DONE] is an error."""
+        while True:
+            with _translate_http_errors("LLM stream failed"):
+                line = await self._timer.wait(anext(self._lines, None))
+            if line is None:
+                return self._data_at_end_of_body()
+            data = self._decoder.feed_line(line)
+            if data is not None:
+                return data
+
+    def _data_at_end_of_body(self) -> str:
+        # An event the body ended inside of was cut, unless it is the [DONE]
+        # some servers send without the final blank line; the spec drops it.
+        pending = self._decoder.flush()
+        if pending is not None and pending.strip() == DONE.value:
+            return pending
+        raise UpstreamUnavailable("LLM: stream cut before [DONE]")
+
+    async def _drain(self) -> None:
+        """Read the rest of the body after [DONE] (see _DRAIN_AFTER_DONE_S); errors don't matter now."""
+        with trio.move_on_after(_DRAIN_AFTER_DONE_S), contextlib.suppress(httpx.HTTPError):
+            while await anext(self._lines, None) is not None:
+                pass
+
+
+async def _raise_for_status(response: httpx.Response, timer: _RequestTimer) -> None:
+    """Raise UpstreamUnavailable naming the status and the start of the body, if not 2xx."""
+    if response.is_success:
+        return
+    try:
+        with _translate_http_errors("reading the error body failed"):
+            excerpt = await timer.wait(_read_excerpt(response))
+    except UpstreamUnavailable as exc:
+        excerpt = f"({exc})"
+    raise UpstreamUnavailable(f"LLM: HTTP {response.status_code} from {response.request.url}: {excerpt}")
+
+
+async def _read_excerpt(response: httpx.Response) -> str:
+    """At most _EXCERPT_BYTES of the body, decoded leniently and shortened for a log line."""
+    body = bytearray()
+    async with aclosing(response.aiter_bytes()) as chunks:
+        async for chunk in chunks:
+            body += chunk
+            if len(body) >= _EXCERPT_BYTES:
+                break
+    text = " ".join(bytes(body[:_EXCERPT_BYTES]).decode("utf-8", "replace").split())
+    return text if len(text) <= _EXCERPT_CHARS else text[:_EXCERPT_CHARS] + "..."
+
+
+@contextlib.contextmanager
+def _translate_http_errors(what: str) -> Iterator[None]:
+    """The one place httpx's exceptions become ours."""
+    try:
+        yield
+    except httpx.HTTPError as exc:
+        raise UpstreamUnavailable(f"{what}: {type(exc).__name__}: {exc}") from exc
