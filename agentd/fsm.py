@@ -174,9 +174,11 @@ class StopPlayback:
 
 @dataclass(**_EV)
 class CancelReply:
-    """Abandon reply ``reply``'s LLM/TTS work."""
+    """Abandon reply ``reply``'s LLM/TTS work. ``resumes_turn``: the caller's
+    answered words rejoin the turn being spoken (so drop them from history)."""
 
     reply: int
+    resumes_turn: bool = False
 
 
 @dataclass(**_EV)
@@ -262,7 +264,7 @@ class CallFSM:
         self._committed_at = float("-inf")
         self._committed_text = ""
         self._committed_start = 0.0
-        self._barge_from: float | None = None
+        self._speak_when_quiet = False  # the reply is ready but the caller is talking
 
     def __repr__(self) -> str:
         timers = ", ".join(f"{k}@{v:.3f}" for k, v in sorted(self._timers.items()))
@@ -381,10 +383,10 @@ class CallFSM:
         actions: list[Action] = []
         if self.state in (State.GREETING, State.SPEAKING):
             actions.append(StopPlayback())
-        if self.state in (State.THINKING, State.SPEAKING):
-            actions.append(CancelReply(reply=self._reply))
-            if self.state is State.THINKING:
-                self._resume_committed_turn()
+        resumes = self.state is State.THINKING
+        actions.append(CancelReply(reply=self._reply, resumes_turn=resumes))
+        if resumes:
+            self._resume_committed_turn()
         utt = self._utt
         self._enter(State.LISTENING)
         self._utt = utt
@@ -537,6 +539,7 @@ class CallFSM:
         self._committed_text = text
         self._committed_start = utt.start_at
         self._enter(State.THINKING)
+        self._speak_when_quiet = False
         self._drop_utterance()
         end_at = utt.end_at if utt.end_at is not None else now
         return [StartReply(reply=self._reply, text=text, speech_start_at=utt.start_at, speech_end_at=end_at)]
@@ -544,18 +547,25 @@ class CallFSM:
     # -- THINKING ----------------------------------------------------------
 
     def _reply_audio_ready(self, event: ReplyAudioReady) -> None:
-        if event.reply != self._reply or "breath" in self._timers:
+        if event.reply != self._reply or "breath" in self._timers or self._speak_when_quiet:
             return None
         s = self.settings
         self._timers["breath"] = event.at + self._rng.uniform(s.breath_min_s, s.breath_max_s)
         return None
 
     def _breath_timer(self, when: float) -> list[Action]:
-        barge = self._timers.get("barge")
+        if "barge" in self._timers:
+            self._speak_when_quiet = True  # never start talking over the caller
+            return []
         self._enter(State.SPEAKING)
-        if barge is not None:
-            self._timers["barge"] = barge
         return [BeginPlayback(reply=self._reply)]
+
+    def _thinking_silence(self, event: SpeechEnded) -> None:
+        """A short interjection ended without taking the turn: speak now if we were ready."""
+        self._disarm_barge_in(event)
+        if self._speak_when_quiet:
+            self._speak_when_quiet = False
+            self._timers["breath"] = event.at
 
     # -- ENDED -------------------------------------------------------------
 
@@ -611,7 +621,7 @@ _TRANSITIONS = {
     (F, ReplyAudioReady): _._ignore,
 
     (T, SpeechStarted): _._arm_barge_in,
-    (T, SpeechEnded): _._disarm_barge_in,
+    (T, SpeechEnded): _._thinking_silence,
     (T, Partial): _._buffer_result,
     (T, Final): _._buffer_result,
     (T, ReplyAudioReady): _._reply_audio_ready,

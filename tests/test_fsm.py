@@ -64,7 +64,7 @@ def test_sustained_speech_interrupts_the_greeting_and_opens_the_turn_at_its_star
     assert fsm.next_deadline() == approx(1.3)
     assert fsm.handle(Tick(at=1.29)) == []
     assert fsm.state is G
-    assert fsm.handle(Tick(at=1.3)) == [StopPlayback()]
+    assert fsm.handle(Tick(at=1.3)) == [StopPlayback(), CancelReply(reply=0)]
     assert fsm.state is L
     fsm.handle(Final(at=1.9, text="is this the bakery", audio_end_at=1.8))
     assert fsm.handle(SpeechEnded(at=2.0)) == []
@@ -88,7 +88,7 @@ def test_words_heard_during_the_greeting_belong_to_the_interrupting_turn():
     fsm.handle(SpeechStarted(at=1.0))
     assert fsm.handle(Partial(at=1.2, text="hello", audio_end_at=1.2)) == []
     assert fsm.state is G
-    assert fsm.handle(Tick(at=1.3)) == [StopPlayback()]
+    assert fsm.handle(Tick(at=1.3)) == [StopPlayback(), CancelReply(reply=0)]
     assert fsm.transcript == "hello"
 
 
@@ -535,7 +535,7 @@ def test_sustained_speech_while_thinking_cancels_the_reply_and_the_answered_word
     fsm = thinking_fsm(now=14.0)
     assert fsm.handle(SpeechStarted(at=14.2)) == []
     assert fsm.next_deadline() == approx(14.5)
-    assert fsm.handle(Tick(at=14.5)) == [CancelReply(reply=1)]
+    assert fsm.handle(Tick(at=14.5)) == [CancelReply(reply=1, resumes_turn=True)]
     assert fsm.state is L
     assert fsm.transcript == "what time do you open"
     fsm.handle(Partial(at=14.6, text="on sunday", audio_end_at=14.6))
@@ -562,14 +562,14 @@ def test_with_barge_in_disabled_speech_while_thinking_does_not_cancel_the_reply(
     assert fsm.state is T
 
 
-def test_speech_begun_while_thinking_interrupts_the_playback_that_follows():
+def test_speech_begun_while_thinking_holds_the_reply_then_takes_the_turn():
     fsm = thinking_fsm(now=14.0)
     fsm.handle(SpeechStarted(at=14.2))
     fsm.handle(ReplyAudioReady(at=14.25, reply=1))  # breath ends by 14.37
-    assert fsm.handle(Tick(at=14.4)) == [BeginPlayback(reply=1)]
-    assert fsm.state is S
+    assert fsm.handle(Tick(at=14.4)) == []  # the agent does not start over the caller
+    assert fsm.state is T
     assert fsm.next_deadline() == approx(14.5)
-    assert fsm.handle(Tick(at=14.5)) == [StopPlayback(), CancelReply(reply=1)]
+    assert fsm.handle(Tick(at=14.5)) == [CancelReply(reply=1, resumes_turn=True)]
     assert fsm.state is L
 
 
@@ -579,7 +579,7 @@ def test_a_late_final_of_the_committed_turn_is_not_heard_twice():
     assert fsm.state is T
     assert fsm.transcript == ""
     fsm.handle(SpeechStarted(at=14.4))
-    assert at_deadline(fsm) == [CancelReply(reply=1)]
+    assert at_deadline(fsm) == [CancelReply(reply=1, resumes_turn=True)]
     assert fsm.transcript == "what time do you open"
 
 
@@ -875,9 +875,20 @@ def test_a_late_tick_fires_each_timer_as_of_its_own_deadline():
 def test_one_late_tick_runs_every_due_timer_in_deadline_order():
     fsm = thinking_fsm(now=14.0)
     fsm.handle(SpeechStarted(at=14.2))  # barge-in due at 14.5
-    fsm.handle(ReplyAudioReady(at=14.25, reply=1))  # breath due by 14.37
-    assert fsm.handle(Tick(at=14.6)) == [BeginPlayback(reply=1), StopPlayback(), CancelReply(reply=1)]
+    fsm.handle(ReplyAudioReady(at=14.25, reply=1))  # breath due by 14.37, held: the caller is talking
+    assert fsm.handle(Tick(at=14.6)) == [CancelReply(reply=1, resumes_turn=True)]
     assert fsm.state is L
+
+
+def test_a_ready_reply_waits_for_a_short_interjection_to_end():
+    fsm = thinking_fsm(now=14.0)
+    fsm.handle(ReplyAudioReady(at=14.0, reply=1))
+    fsm.handle(SpeechStarted(at=14.05))  # barge-in would be due at 14.35
+    assert fsm.handle(Tick(at=fsm.next_deadline())) == []  # breath came due: do not talk over them
+    assert fsm.state is T
+    assert fsm.handle(SpeechEnded(at=14.2)) == []
+    assert fsm.handle(Tick(at=14.42)) == [BeginPlayback(reply=1)]
+    assert fsm.state is S
 
 
 def test_a_tick_before_the_deadline_changes_nothing():
