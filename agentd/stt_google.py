@@ -1,0 +1,264 @@
+"""Google Speech-to-Text v1 over raw gRPC: one streaming recognizer per call.
+
+The caller's audio is batched to ``batch_ms`` requests (Google wants 20-100 ms
+per request) and keeps flowing while the agent speaks, because Google aborts a
+stream that hears nothing for ~10 s. Results become FSM events: ``Partial``
+(throttled to one per ``partial_debounce_ms``) and ``Final``. A result's
+``result_end_time`` is an offset in *this stream's* audio; it is mapped back to
+the call clock through the receive time of the stream's first audio byte.
+
+Opening is retried ``open_attempts`` times; then ``SttLost`` tells the FSM to
+use the non-blocking fallback (unary ``Recognize`` of the buffered utterance,
+through the gRPC bridge, so off the Trio thread) and streaming is tried again
+after a back-off.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import trio
+from google.cloud.speech_v1.types import cloud_speech
+
+from agentd import fsm
+from agentd.errors import UpstreamUnavailable
+from agentd.grpc_bridge import Channel, RpcFailure
+
+log = logging.getLogger(__name__)
+
+_SERVICE = "/google.cloud.speech.v1.Speech/"
+_Request = cloud_speech.StreamingRecognizeRequest.pb()
+_Response = cloud_speech.StreamingRecognizeResponse.pb()
+_StreamingConfig = cloud_speech.StreamingRecognitionConfig.pb()
+_RecognitionConfig = cloud_speech.RecognitionConfig.pb()
+_RecognizeRequest = cloud_speech.RecognizeRequest.pb()
+_RecognizeResponse = cloud_speech.RecognizeResponse.pb()
+_BYTES_PER_S = 8000  # mu-law 8 kHz
+_HISTORY_S = 30.0  # caller audio kept for the fallback and for replay
+_MAX_UNSENT_BYTES = 3 * _BYTES_PER_S  # audio held while a stream opens
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SttSettings:
+    language: str = "he-IL"
+    model: str = "default"
+    use_enhanced: bool = False
+    automatic_punctuation: bool = True
+    batch_ms: int = 60
+    partial_debounce_ms: int = 90
+    open_attempts: int = 3
+    open_timeout_s: float = 3.0
+    retry_after_s: float = 10.0
+    fallback_timeout_s: float = 5.0
+
+
+@dataclass(frozen=True, slots=True)
+class SttResult:
+    text: str
+    is_final: bool
+    end_offset_s: float
+
+
+# -------------------------------------------------------- pure protobuf ---
+
+def _recognition_config(settings: SttSettings) -> object:
+    return _RecognitionConfig(
+        encoding=_RecognitionConfig.AudioEncoding.MULAW,
+        sample_rate_hertz=8000,
+        language_code=settings.language,
+        model=settings.model,
+        use_enhanced=settings.use_enhanced,
+        enable_automatic_punctuation=settings.automatic_punctuation,
+    )
+
+
+def config_request(settings: SttSettings) -> bytes:
+    """The first request of a stream: only ``streaming_config``."""
+    streaming = _StreamingConfig(
+        config=_recognition_config(settings), interim_results=True, single_utterance=False
+    )
+    return _Request(streaming_config=streaming).SerializeToString()
+
+
+def audio_request(audio: bytes) -> bytes:
+    """Every later request: only ``audio_content``."""
+    return _Request(audio_content=audio).SerializeToString()
+
+
+def recognize_request(settings: SttSettings, audio: bytes) -> bytes:
+    return _RecognizeRequest(
+        config=_recognition_config(settings), audio={"content": audio}
+    ).SerializeToString()
+
+
+def parse_streaming_response(data: bytes) -> list[SttResult]:
+    """Transcript results of one StreamingRecognizeResponse (events and empties skipped)."""
+    response = _Response.FromString(data)
+    if response.HasField("error") and response.error.code:
+        raise UpstreamUnavailable(f"STT error {response.error.code}: {response.error.message}")
+    results = []
+    for result in response.results:
+        if not result.alternatives:
+            continue
+        end = result.result_end_time
+        results.append(SttResult(
+            text=result.alternatives[0].transcript,
+            is_final=result.is_final,
+            end_offset_s=end.seconds + end.nanos / 1e9,
+        ))
+    return results
+
+
+def parse_recognize_response(data: bytes) -> str:
+    response = _RecognizeResponse.FromString(data)
+    parts = [r.alternatives[0].transcript for r in response.results if r.alternatives]
+    return " ".join(p.strip() for p in parts if p.strip())
+
+
+# ------------------------------------------------------------ recognizer ---
+
+class StreamingRecognizer:
+    """One call's recognizer: push audio synchronously, run() reports events."""
+
+    def __init__(self, channel: Channel, settings: SttSettings, emit: Callable[[fsm.Event], None]):
+        self._channel = channel
+        self._settings = settings
+        self._emit = emit
+        self._batch_bytes = max(settings.batch_ms * 8, 160)
+        self._pending = bytearray()
+        self._pending_at: float | None = None
+        self._history: collections.deque[tuple[float, bytes]] = collections.deque()
+        self._stream = None
+        self._stream_t0: float | None = None
+        self._last_partial_at = float("-inf")
+        self._held_partial: fsm.Partial | None = None
+        self.streams_opened = 0
+        self.on_stream_open: Callable[[float], None] = lambda at: None
+
+    # -- audio in (sync: called by the reader for every media frame) --------
+
+    def push_audio(self, audio: bytes, at: float) -> None:
+        """Queue caller audio received at ``at``; sends a request every batch_ms."""
+        self._history.append((at, audio))
+        while self._history and self._history[0][0] < at - _HISTORY_S:
+            self._history.popleft()
+        if self._pending_at is None:
+            self._pending_at = at
+        self._pending += audio
+        if len(self._pending) >= self._batch_bytes:
+            self._flush()
+
+    def _flush(self) -> None:
+        if self._stream is None:
+            # No stream yet (opening): keep the newest audio to send once it opens.
+            excess = len(self._pending) - _MAX_UNSENT_BYTES
+            if excess > 0:
+                del self._pending[:excess]
+                self._pending_at = None
+            return
+        if self._pending:
+            if self._stream_t0 is None:
+                self._stream_t0 = self._pending_at if self._pending_at is not None else trio.current_time()
+            self._stream.send_nowait(audio_request(bytes(self._pending)))
+        self._pending.clear()
+        self._pending_at = None
+
+    def audio_between(self, start_at: float, end_at: float) -> bytes:
+        """Buffered caller audio received between two call-clock instants."""
+        return b"".join(chunk for at, chunk in self._history if start_at <= at <= end_at)
+
+    # -- fallback ------------------------------------------------------------
+
+    async def recognize(self, audio: bytes) -> str:
+        """Unary Recognize of a whole utterance (the fallback); raises UpstreamUnavailable."""
+        request = recognize_request(self._settings, audio)
+        try:
+            data = await self._channel.unary(_SERVICE + "Recognize", request,
+                                             timeout_s=self._settings.fallback_timeout_s)
+        except RpcFailure as exc:
+            raise UpstreamUnavailable(f"STT Recognize failed: {exc}") from exc
+        return parse_recognize_response(data)
+
+    # -- streaming -----------------------------------------------------------
+
+    async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        """Keep a stream open for the life of the call, degrading to the fallback."""
+        task_status.started()
+        failures = 0
+        while True:
+            opened_at = trio.current_time()
+            heard = await self._run_stream()
+            if heard or trio.current_time() - opened_at > self._settings.open_timeout_s:
+                failures = 0
+                continue  # a stream that worked and then died: reopen at once
+            failures += 1
+            if failures < self._settings.open_attempts:
+                await trio.sleep(0.2 * 2 ** (failures - 1))
+                continue
+            log.warning("streaming STT failed to open %d times; using the fallback", failures)
+            self._emit(fsm.SttLost(at=trio.current_time()))
+            await trio.sleep(self._settings.retry_after_s)
+            failures = 0
+
+    async def _run_stream(self) -> bool:
+        """One stream, from open to failure. Returns whether any response came."""
+        heard = False
+        with self._channel.open_stream(_SERVICE + "StreamingRecognize") as stream:
+            stream.send_nowait(config_request(self._settings))
+            self._stream, self._stream_t0 = stream, None
+            self.streams_opened += 1
+            now = trio.current_time()
+            self.on_stream_open(now)
+            self._emit(fsm.SttReady(at=now))
+            self._flush()
+            try:
+                while True:
+                    data = await self._receive(stream)
+                    if data is None:
+                        continue
+                    heard = True
+                    self._handle_response(data)
+            except RpcFailure as exc:
+                log.info("STT stream ended: %s", exc)
+            except trio.EndOfChannel:
+                log.info("STT stream closed by the server")
+            except UpstreamUnavailable as exc:
+                log.info("STT stream error: %s", exc)
+            finally:
+                self._stream = None
+        return heard
+
+    async def _receive(self, stream) -> bytes | None:
+        """Next response, or None when a held partial came due first."""
+        if self._held_partial is None:
+            return await stream.receive()
+        due = self._last_partial_at + self._settings.partial_debounce_ms / 1000
+        with trio.move_on_at(due):
+            return await stream.receive()
+        self._release_partial(self._held_partial)
+        return None
+
+    def _handle_response(self, data: bytes) -> None:
+        now = trio.current_time()
+        for result in parse_streaming_response(data):
+            audio_end = (self._stream_t0 or now) + result.end_offset_s
+            if result.is_final:
+                self._held_partial = None
+                self._emit(fsm.Final(at=now, text=result.text, audio_end_at=audio_end))
+            else:
+                self._offer_partial(fsm.Partial(at=now, text=result.text, audio_end_at=audio_end))
+
+    def _offer_partial(self, partial: fsm.Partial) -> None:
+        """Throttle partials: at most one per debounce interval, the latest wins."""
+        if partial.at - self._last_partial_at >= self._settings.partial_debounce_ms / 1000:
+            self._release_partial(partial)
+        else:
+            self._held_partial = partial
+
+    def _release_partial(self, partial: fsm.Partial) -> None:
+        self._held_partial = None
+        self._last_partial_at = trio.current_time()
+        self._emit(partial)

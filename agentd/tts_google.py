@@ -1,0 +1,84 @@
+"""Google Text-to-Speech v1 over raw gRPC: text in, raw mu-law 8 kHz out.
+
+Google returns MULAW audio wrapped in a WAV/RIFF container; the header is
+parsed off properly (chunk by chunk, never a fixed 44 bytes), because header
+bytes sent to Twilio play as a click and raise error 31924. One channel per
+process, shared by every call; nothing is written to disk.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+from google.cloud.texttospeech_v1.types import cloud_tts
+
+from agentd.codecs import riff
+from agentd.errors import UpstreamUnavailable
+from agentd.grpc_bridge import Channel, RpcFailure
+
+_METHOD = "/google.cloud.texttospeech.v1.TextToSpeech/SynthesizeSpeech"
+_Request = cloud_tts.SynthesizeSpeechRequest.pb()
+_Response = cloud_tts.SynthesizeSpeechResponse.pb()
+_AudioConfig = cloud_tts.AudioConfig.pb()
+_MULAW = cloud_tts.AudioEncoding.MULAW.value
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Voice:
+    language: str  # BCP-47, e.g. "he-IL"
+    name: str  # e.g. "he-IL-Standard-A"
+    speaking_rate: float = 1.0
+
+
+class Synthesizer(Protocol):
+    """The one-method seam for speech synthesis."""
+
+    async def synthesize(self, text: str, voice: Voice) -> bytes:
+        """Raw mu-law 8 kHz audio for ``text``; raises UpstreamUnavailable."""
+        ...
+
+
+def synthesize_request(text: str, voice: Voice) -> bytes:
+    return _Request(
+        input={"text": text},
+        voice={"language_code": voice.language, "name": voice.name},
+        audio_config=_AudioConfig(
+            audio_encoding=_MULAW, sample_rate_hertz=8000, speaking_rate=voice.speaking_rate
+        ),
+    ).SerializeToString()
+
+
+def audio_from_response(data: bytes) -> bytes:
+    """The raw mu-law samples of a SynthesizeSpeechResponse (RIFF header removed)."""
+    blob = _Response.FromString(data).audio_content
+    try:
+        audio = riff.strip_wav_header(blob)
+    except riff.RiffError as exc:
+        raise UpstreamUnavailable(f"TTS returned a bad WAV container: {exc}") from exc
+    if blob[:4] == b"RIFF":
+        wav = riff.parse_wav(blob)
+        if wav.format_tag != riff.MULAW or wav.sample_rate_hz != 8000:
+            raise UpstreamUnavailable(
+                f"TTS returned format {wav.format_tag} at {wav.sample_rate_hz} Hz, not mu-law 8 kHz"
+            )
+    if not audio:
+        raise UpstreamUnavailable("TTS returned no audio")
+    return audio
+
+
+class GoogleTts:
+    """SynthesizeSpeech, MULAW 8000 Hz."""
+
+    def __init__(self, channel: Channel, *, timeout_s: float):
+        self._channel = channel
+        self._timeout_s = timeout_s
+
+    async def synthesize(self, text: str, voice: Voice) -> bytes:
+        try:
+            data = await self._channel.unary(
+                _METHOD, synthesize_request(text, voice), timeout_s=self._timeout_s
+            )
+        except RpcFailure as exc:
+            raise UpstreamUnavailable(f"TTS failed: {exc}") from exc
+        return audio_from_response(data)
