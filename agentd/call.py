@@ -1,0 +1,323 @@
+"""One phone call: the Trio glue around the sans-I/O ``CallFSM``.
+
+Every task of a call lives in the call's one nursery (TX pacer, recognizer,
+timers, stats, replies, fallback transcriptions); when the caller hangs up or
+the socket drops, the nursery is cancelled and everything ends with it.
+
+Events reach the FSM through ``_dispatch``, a synchronous function called by
+whichever task learnt the fact (reader, recognizer, reply, timer). Trio runs
+one task at a time, so the FSM needs no lock, and actions are carried out
+before the next event is taken.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import trio
+import trio_websocket
+
+from agentd import fsm, telemetry
+from agentd.audio_cache import AudioCache
+from agentd.codecs import twilio
+from agentd.config import Business, Config
+from agentd.errors import CallProtocolError, UpstreamUnavailable
+from agentd.grpc_bridge import Channel
+from agentd.llm_openai import build_messages
+from agentd.reply import ReplyJob, chat_thinker
+from agentd.stt_google import SttSettings, StreamingRecognizer
+from agentd.tts_google import Synthesizer, Voice
+from agentd.tx import TxQueue
+from agentd.vad import VadSettings, VoiceActivity, VoiceEnded, VoiceStarted
+
+log = logging.getLogger(__name__)
+
+_FALLBACK_MARGIN_S = 0.3  # audio kept either side of a fallback utterance
+
+
+@dataclass
+class Services:
+    """What every call shares: one of each per process."""
+
+    config: Config
+    chat: object  # llm_openai.ChatModel
+    tts: Synthesizer
+    stt_channel: Channel
+    cache: AudioCache
+    sink: telemetry.JsonlSink
+    observers: list[Callable[[dict], None]] = field(default_factory=list)
+
+    def voice(self, business: Business) -> Voice:
+        return Voice(language=business.language, name=business.voice,
+                     speaking_rate=self.config.tts.speaking_rate)
+
+
+def turn_settings(config: Config) -> fsm.TurnSettings:
+    t = config.turn
+    return fsm.TurnSettings(
+        min_utt_s=t.min_utt_s, min_silence_short_s=t.min_silence_short_s,
+        min_silence_long_s=t.min_silence_long_s, long_utterance_s=t.long_utterance_s,
+        hangover_s=config.vad.hangover_ms / 1000, final_timeout_s=config.stt.final_timeout_ms / 1000,
+        fallback_timeout_s=config.stt.fallback_timeout_ms / 1000, refractory_s=t.refractory_ms / 1000,
+        breath_min_s=t.breath_min_ms / 1000, breath_max_s=t.breath_max_ms / 1000,
+        barge_in_enabled=t.barge_in_enabled, barge_in_min_s=t.barge_in_min_ms / 1000,
+        greeting_barge_in=t.greeting_barge_in,
+    )
+
+
+def stt_settings(config: Config, business: Business) -> SttSettings:
+    s = config.stt
+    return SttSettings(
+        language=business.language, model=s.model, use_enhanced=s.use_enhanced,
+        automatic_punctuation=s.automatic_punctuation, batch_ms=s.batch_ms,
+        partial_debounce_ms=s.partial_debounce_ms, open_attempts=s.open_attempts,
+        open_timeout_s=s.open_timeout_ms / 1000, fallback_timeout_s=s.fallback_timeout_ms / 1000,
+    )
+
+
+class Call:
+    """One Twilio Media Stream, from ``start`` to hang-up."""
+
+    def __init__(self, ws: trio_websocket.WebSocketConnection, services: Services):
+        self._ws = ws
+        self._svc = services
+        self._max_bytes = services.config.server.max_message_bytes
+        self.t0 = trio.current_time()
+        self.call_sid = "?"
+        self.states: list[str] = []
+        self.history: list[tuple[str, str]] = []
+        self._timelines: dict[int, telemetry.TurnTimeline] = {0: telemetry.TurnTimeline()}
+        self._timelines[0].stamp("ws_connected", self.t0)
+        self._pending = telemetry.TurnTimeline()
+        self._jobs: dict[int, ReplyJob] = {}
+        self._user_text: dict[int, str] = {}
+        self._rearm = trio.Event()
+        self._nursery: trio.Nursery | None = None
+
+    # -- lifecycle ---------------------------------------------------------
+
+    async def run(self) -> None:
+        """Serve the call until ``stop`` or the socket closes. Raises CallProtocolError."""
+        start = await self._await_start()
+        self._setup(start)
+        try:
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                await nursery.start(self.tx.run)
+                await nursery.start(self.stt.run)
+                nursery.start_soon(self._run_timers)
+                nursery.start_soon(self._report_stats)
+                self._dispatch(fsm.CallStarted(at=trio.current_time()))
+                await self._read_until_stop()
+                nursery.cancel_scope.cancel()
+        finally:
+            self._finish()
+
+    async def _await_start(self) -> twilio.Start:
+        while True:
+            event = twilio.parse_inbound(await self._ws.get_message(), max_bytes=self._max_bytes)
+            if isinstance(event, twilio.Start):
+                return event
+            if not isinstance(event, twilio.Connected):
+                raise CallProtocolError(f"{type(event).__name__.lower()} before start")
+
+    def _setup(self, start: twilio.Start) -> None:
+        cfg = self._svc.config
+        self.call_sid, self.stream_sid = start.call_sid, start.stream_sid
+        self.business = cfg.business(start.parameter("business"))
+        self.voice = self._svc.voice(self.business)
+        self.fsm = fsm.CallFSM(turn_settings(cfg))
+        self.vad = VoiceActivity(VadSettings(
+            aggressiveness=cfg.vad.aggressiveness, speech_start_ms=cfg.vad.speech_start_ms,
+            hangover_ms=cfg.vad.hangover_ms))
+        self.stt = StreamingRecognizer(self._svc.stt_channel, stt_settings(cfg, self.business),
+                                       self._dispatch)
+        self.stt.on_stream_open = lambda at: self._timelines[0].stamp("stt_stream_opened", at)
+        self.tx = TxQueue(self._ws.send_message, lambda f: twilio.render_media(self.stream_sid, f),
+                          capacity_frames=cfg.audio.tx_queue_frames, lead_frames=cfg.audio.tx_lead_frames)
+        log.info("call=%s start business=%s", self.call_sid, self.business.name)
+
+    async def _read_until_stop(self) -> None:
+        while True:
+            try:
+                message = await self._ws.get_message()
+            except trio_websocket.ConnectionClosed:
+                return
+            event = twilio.parse_inbound(message, max_bytes=self._max_bytes)
+            if isinstance(event, twilio.Media):
+                self._on_media(event.payload)
+            elif isinstance(event, twilio.Mark):
+                self._on_mark(event.name)
+            elif isinstance(event, twilio.Stop):
+                return
+            elif isinstance(event, (twilio.Start, twilio.Connected)):
+                raise CallProtocolError(f"unexpected {type(event).__name__.lower()} mid-call")
+
+    def _finish(self) -> None:
+        now = trio.current_time()
+        if hasattr(self, "fsm"):
+            self._dispatch(fsm.Hangup(at=now))
+        for reply in list(self._jobs):
+            self._close_turn(reply, interrupted=True)
+        record = {"call_sid": self.call_sid, "duration_ms": round((now - self.t0) * 1000, 1),
+                  "turns": len(self._timelines) - 1, "states": self.states,
+                  "tx_drops": getattr(getattr(self, "tx", None), "drops", 0),
+                  "greeting": self._timelines[0].to_record(self.call_sid, 0, self.t0, {})}
+        self._svc.sink.emit_call(record)
+        for observer in self._svc.observers:
+            observer(record | {"kind": "call"})
+        log.info("call=%s ended after %.1fs", self.call_sid, now - self.t0)
+
+    # -- inbound -----------------------------------------------------------
+
+    def _on_media(self, payload: bytes) -> None:
+        at = trio.current_time()
+        for fact in self.vad.feed(payload, at):
+            if isinstance(fact, VoiceStarted):
+                self._pending.stamp("speech_start", fact.at)
+                self._dispatch(fsm.SpeechStarted(at=fact.at))
+            elif isinstance(fact, VoiceEnded):
+                self._dispatch(fsm.SpeechEnded(at=fact.at))
+        self.stt.push_audio(payload, at)
+
+    def _on_mark(self, name: str) -> None:
+        for job in self._jobs.values():
+            if job.owns_mark(name):
+                job.mark_echoed(name, trio.current_time())
+                return
+
+    # -- the FSM -----------------------------------------------------------
+
+    def _dispatch(self, event: fsm.Event) -> None:
+        """Feed one event to the FSM and carry out its actions (synchronously)."""
+        if isinstance(event, fsm.Partial):
+            self._pending.stamp("first_partial", event.at)
+        elif isinstance(event, fsm.Final):
+            self._pending.stamp("final_text", event.at)
+        before = self.fsm.state
+        actions = self.fsm.handle(event)
+        for state in self.fsm.path:
+            self.states.append(state.name)
+            log.info("call=%s %s->%s on %s +%dms", self.call_sid, before.name, state.name,
+                     type(event).__name__, (event.at - self.t0) * 1000)
+            before = state
+        for action in actions:
+            self._carry_out(action)
+        if isinstance(event, fsm.PlaybackDone) and event.reply in self._jobs:
+            self._close_turn(event.reply)
+        self._rearm.set()
+
+    def _carry_out(self, action: fsm.Action) -> None:
+        if isinstance(action, fsm.PlayGreeting):
+            self._play_greeting()
+        elif isinstance(action, fsm.StartReply):
+            self._start_reply(action)
+        elif isinstance(action, fsm.BeginPlayback):
+            self._jobs[action.reply].begin.set()
+        elif isinstance(action, fsm.StopPlayback):
+            self.tx.clear(twilio.render_clear(self.stream_sid))
+        elif isinstance(action, fsm.CancelReply):
+            self._cancel_reply(action.reply, resumes_turn=action.resumes_turn)
+        elif isinstance(action, fsm.TranscribeFallback):
+            self._nursery.start_soon(self._transcribe_fallback, action)
+
+    async def _run_timers(self) -> None:
+        while True:
+            self._rearm = trio.Event()
+            with trio.move_on_at(self.fsm.next_deadline()):
+                await self._rearm.wait()
+                continue
+            self._dispatch(fsm.Tick(at=trio.current_time()))
+
+    # -- replies -------------------------------------------------------------
+
+    def _new_job(self, reply: int, **stamps: str) -> ReplyJob:
+        timeline = self._timelines.setdefault(reply, telemetry.TurnTimeline())
+        apology = self._svc.cache.get(self.voice, self.business.apology)
+        job = ReplyJob(reply, tx=self.tx, stream_sid=self.stream_sid, emit=self._dispatch,
+                       stamp=lambda name: timeline.stamp(name, trio.current_time()),
+                       apology=apology, tts=self._svc.tts, voice=self.voice, **stamps)
+        self._jobs[reply] = job
+        return job
+
+    def _play_greeting(self) -> None:
+        job = self._new_job(0, first_frame_stamp="greeting_started",
+                            last_frame_stamp="greeting_last_frame_sent")
+        greeting = self._svc.cache.get(self.voice, self.business.greeting)
+        self._nursery.start_soon(lambda: job.run(canned=[greeting] if greeting else []))
+        job.begin.set()
+
+    def _start_reply(self, action: fsm.StartReply) -> None:
+        timeline, self._pending = self._pending, telemetry.TurnTimeline()
+        self._timelines[action.reply] = timeline
+        timeline.stamp("speech_start", action.speech_start_at)
+        timeline.stamp("speech_end", action.speech_end_at)
+        job = self._new_job(action.reply)
+        messages = build_messages(self.business.system_prompt, self._recent_history(), action.text)
+        self.history.append(("user", action.text))
+        self._user_text[action.reply] = action.text
+        timeline = self._timelines[action.reply]
+        think = chat_thinker(self._svc.chat, messages, first_clause_min_chars=0,
+                             stamp=lambda name: timeline.stamp(name, trio.current_time()))
+        self._nursery.start_soon(lambda: job.run(think=think))
+        if self.business.log_transcripts:
+            log.info("call=%s turn=%d caller: %s", self.call_sid, action.reply, action.text)
+
+    def _recent_history(self) -> list[tuple[str, str]]:
+        return self.history[-2 * self._svc.config.llm.history_turns:]
+
+    def _cancel_reply(self, reply: int, *, resumes_turn: bool = False) -> None:
+        if reply in self._jobs:
+            self._close_turn(reply, interrupted=True, resumes_turn=resumes_turn)
+
+    def _close_turn(self, reply: int, *, interrupted: bool = False, resumes_turn: bool = False) -> None:
+        """Record what the caller actually heard and emit the turn's telemetry."""
+        job = self._jobs.pop(reply)
+        job.scope.cancel()
+        said = " ".join(job.heard if interrupted else job.spoken)
+        if reply > 0:
+            if resumes_turn and self.history and self.history[-1] == ("user", self._user_text.get(reply)):
+                self.history.pop()  # the FSM puts these words back into the turn still going on
+            elif said:
+                self.history.append(("assistant", said))
+            record = self._timelines[reply].to_record(
+                self.call_sid, reply, self.t0,
+                {"interrupted": interrupted, "failed": job.failed, "reply_text": " ".join(job.spoken),
+                 "caller_text": self._user_text.get(reply, "") if self.business.log_transcripts else None})
+            self._svc.sink.emit_turn(record)
+            for observer in self._svc.observers:
+                observer(record | {"kind": "turn", "caller_text": self._user_text.get(reply, ""),
+                                   "reply_text": " ".join(job.spoken)})
+
+    async def _transcribe_fallback(self, action: fsm.TranscribeFallback) -> None:
+        audio = self.stt.audio_between(action.speech_start_at - _FALLBACK_MARGIN_S,
+                                       action.speech_end_at + _FALLBACK_MARGIN_S)
+        try:
+            text = await self.stt.recognize(audio)
+        except UpstreamUnavailable as exc:
+            log.warning("call=%s fallback transcription failed: %s", self.call_sid, exc)
+            text = ""
+        self._dispatch(fsm.Final(at=trio.current_time(), text=text, audio_end_at=action.speech_end_at))
+
+    # -- telemetry -----------------------------------------------------------
+
+    async def _report_stats(self) -> None:
+        interval = self._svc.config.server.stats_interval_s
+        if interval <= 0:
+            return
+        sent = 0
+        while True:
+            await trio.sleep(interval)
+            fps = (self.tx.frames_sent - sent) / interval
+            sent = self.tx.frames_sent
+            stages = self._timelines[max(self._timelines)].stages()
+            log.info("call=%s %s", self.call_sid, telemetry.format_stats_line(
+                fps=fps, queue=self.tx.queued_frames, drops=self.tx.drops,
+                stt_partial_s=_s(stages.get("stt_partial")), stt_final_s=_s(stages.get("stt_final")),
+                ai_s=_s(stages.get("ai_ttft")), tts_s=_s(stages.get("tts_ttfb")), total_s=_s(stages.get("v2v"))))
+
+
+def _s(ms: float | None) -> float | None:
+    return None if ms is None else ms / 1000

@@ -1,0 +1,149 @@
+"""The TX queue: every byte agentd sends to Twilio leaves through here.
+
+One object per call owns the WebSocket's write side (a single serialized
+writer, as in trio-websocket). Agent audio is queued as 160-byte frames and
+paced out: the first ``lead_frames`` of a burst go at once (Twilio buffers
+them, so network jitter never starves playback), then one frame per 20 ms
+on an absolute schedule, so Twilio's buffer stays ``lead_frames`` ahead and a
+``clear`` discards at most that much.
+
+Policy (bounded, named, counted):
+- The queue holds ``capacity_frames``; a producer that is ahead (TTS is
+  faster than real time) *waits* -- agent speech is never dropped for that.
+- Frames are dropped only when the link to Twilio stalls: a frame already
+  ``max_lag_s`` late is discarded rather than bursting stale audio; every
+  drop is counted.
+- ``clear()`` empties the queue and sends Twilio ``clear`` ahead of anything
+  queued; producers of the abandoned audio are fenced off by an epoch.
+
+Queue items are frames (``bytes``), in-order control messages (``str``, e.g.
+marks) and hooks (callables run when the pacer reaches them, for telemetry).
+"""
+
+from __future__ import annotations
+
+import collections
+from collections.abc import Awaitable, Callable, Iterable
+
+import trio
+
+FRAME_S = 0.02
+
+Item = bytes | str | Callable[[], None]
+
+
+class TxQueue:
+    """Paced, bounded outbound audio for one call. Run ``run()`` in the call's nursery."""
+
+    def __init__(self, send: Callable[[str], Awaitable[None]], render_media: Callable[[bytes], str],
+                 *, capacity_frames: int = 120, lead_frames: int = 5, max_lag_s: float = 0.5):
+        self._send = send
+        self._render_media = render_media
+        self.capacity_frames = capacity_frames
+        self.lead_frames = lead_frames
+        self._max_lag_s = max_lag_s
+        self._items: collections.deque[Item] = collections.deque()
+        self._frames_queued = 0
+        self._urgent: collections.deque[str] = collections.deque()
+        self._pacer_wakeup = trio.lowlevel.ParkingLot()
+        self._space = trio.lowlevel.ParkingLot()
+        self._burst_t0 = float("-inf")
+        self._burst_k = 0
+        self._underrun = True  # the queue ran out of frames since the last one sent
+        self.epoch = 0
+        self.frames_sent = 0
+        self.drops = 0
+
+    # -- producers ---------------------------------------------------------
+
+    @property
+    def queued_frames(self) -> int:
+        return self._frames_queued
+
+    async def put_frames(self, frames: Iterable[bytes], *, epoch: int) -> None:
+        """Queue frames for playback, waiting for room; frames of an old epoch are discarded."""
+        for frame in frames:
+            while self._frames_queued >= self.capacity_frames and epoch == self.epoch:
+                await self._space.park()
+            if epoch != self.epoch:
+                return
+            self._items.append(frame)
+            self._frames_queued += 1
+            self._pacer_wakeup.unpark_all()
+
+    def put_control(self, message: str, *, epoch: int) -> None:
+        """Queue a message (e.g. a mark) to go out after the frames queued so far."""
+        if epoch == self.epoch:
+            self._items.append(message)
+            self._pacer_wakeup.unpark_all()
+
+    def put_hook(self, hook: Callable[[], None], *, epoch: int) -> None:
+        """Run ``hook()`` when playback-send reaches this point of the queue."""
+        if epoch == self.epoch:
+            self._items.append(hook)
+            self._pacer_wakeup.unpark_all()
+
+    def clear(self, clear_message: str) -> int:
+        """Drop everything queued, fence off its producers, send ``clear_message`` first."""
+        dropped = self._frames_queued
+        self._items.clear()
+        self._frames_queued = 0
+        self.epoch += 1
+        self._burst_t0, self._underrun = float("-inf"), True
+        self._urgent.append(clear_message)
+        self._space.unpark_all()
+        self._pacer_wakeup.unpark_all()
+        return dropped
+
+    def send_now(self, message: str) -> None:
+        """Send a message ahead of the queue (out-of-band control)."""
+        self._urgent.append(message)
+        self._pacer_wakeup.unpark_all()
+
+    # -- the pacer (the only writer) ----------------------------------------
+
+    async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        task_status.started()
+        while True:
+            while self._urgent:
+                await self._send(self._urgent.popleft())
+            if not self._items:
+                self._underrun = True
+                await self._pacer_wakeup.park()
+                continue
+            item = self._items[0]
+            if isinstance(item, bytes):
+                await self._send_frame_on_time()
+            else:
+                self._items.popleft()
+                if isinstance(item, str):
+                    await self._send(item)
+                else:
+                    item()
+
+    async def _send_frame_on_time(self) -> None:
+        now = trio.current_time()
+        if self._underrun and now > self._burst_t0 + self._burst_k * FRAME_S:
+            # We ran out of audio and Twilio's buffer has played dry: new burst, fresh lead.
+            self._burst_t0, self._burst_k = now, 0
+        self._underrun = False
+        due = self._burst_t0 + max(0, self._burst_k - self.lead_frames) * FRAME_S
+        while trio.current_time() < due:
+            with trio.move_on_at(due):
+                await self._pacer_wakeup.park()  # an urgent `clear` may arrive meanwhile
+            if self._urgent or not self._items or not isinstance(self._items[0], bytes):
+                return
+        frame = self._take_frame()
+        if trio.current_time() - due > self._max_lag_s:
+            self.drops += 1  # the link stalled: stale audio is worse than a gap
+        else:
+            await self._send(self._render_media(frame))
+            self.frames_sent += 1
+        self._burst_k += 1
+
+    def _take_frame(self) -> bytes:
+        frame = self._items.popleft()
+        assert isinstance(frame, bytes)
+        self._frames_queued -= 1
+        self._space.unpark_all()
+        return frame
