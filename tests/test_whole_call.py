@@ -1,0 +1,190 @@
+"""Whole calls over real sockets: softphone <-> agentd serve <-> localcloud.
+
+Every part is the production code: agentd's gRPC and HTTP clients talk to
+localcloud (script STT engine, espeak-ng TTS, rules LLM) on 127.0.0.1, and the
+softphone plays Twilio's side in real time. Assertions are about behaviour
+(what was heard, said, sent, in which order), never about how long it took.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import pytest
+import trio
+import trio_websocket
+
+from agentd.caller_audio import synthesize_caller_turns
+from agentd.codecs import twilio
+from agentd.config import load_config
+from agentd.demo import demo_config
+from agentd.localcloud import LocalCloud, settings_from_config
+from agentd.server import serve
+from agentd.softphone import place_call
+from agentd.softphone_script import CallerTurn
+
+CALL_LIMIT_S = 60  # a guard against hangs, not a performance assertion
+HOURS_LINE = "what time do you open tomorrow"
+BYE_LINE = "thanks goodbye"
+
+
+@pytest.fixture(scope="module")
+def caller(tmp_path_factory) -> dict[str, CallerTurn]:
+    """Real speech for the caller's turns (the script engine decides the words)."""
+    texts = {"hours": "What time do you open tomorrow?", "bye": "Thank you, goodbye."}
+    paths = synthesize_caller_turns(list(texts.values()), "en-us", out_dir=tmp_path_factory.mktemp("caller"))
+    return {key: CallerTurn.from_wav(path) for key, path in zip(texts, paths)}
+
+
+@pytest.fixture
+def base_config():
+    # Short greetings keep the tests quick; everything else is the shipped config.
+    return load_config(None).with_overrides(**{
+        "businesses.acme.greeting": "Acme Plumbing, hello.",
+        "businesses.default.greeting": "שלום.",
+    })
+
+
+@pytest.fixture
+def cloud(base_config):
+    settings = settings_from_config(base_config, stt_engine="script", script_lines=(HOURS_LINE, BYE_LINE))
+    with LocalCloud(settings) as lc:
+        yield lc
+
+
+@pytest.fixture
+def config(base_config, cloud, tmp_path):
+    return demo_config(base_config, cloud, str(tmp_path / "telemetry"))
+
+
+async def start_agent(nursery: trio.Nursery, config, records: list[dict]):
+    server = await nursery.start(functools.partial(serve, config, observers=[records.append]))
+    return f"ws://127.0.0.1:{server.port}{config.server.path}"
+
+
+def turns_of(records: list[dict], call_sid: str) -> list[dict]:
+    return sorted((r for r in records if r["kind"] == "turn" and r["call_sid"] == call_sid),
+                  key=lambda r: r["turn"])
+
+
+def call_record(records: list[dict], call_sid: str) -> dict:
+    return next(r for r in records if r["kind"] == "call" and r["call_sid"] == call_sid)
+
+
+async def wait_for_call_record(records: list[dict], call_sid: str) -> dict:
+    while not any(r["kind"] == "call" and r["call_sid"] == call_sid for r in records):
+        await trio.sleep(0.05)
+    return call_record(records, call_sid)
+
+
+async def test_a_call_is_greeted_then_each_turn_answered(config, cloud, caller):
+    acme = config.business("acme")
+    records: list[dict] = []
+    with trio.fail_after(CALL_LIMIT_S):
+        async with trio.open_nursery() as nursery:
+            url = await start_agent(nursery, config, records)
+            report = await place_call(url, [caller["hours"], caller["bye"]], business="acme")
+            call = await wait_for_call_record(records, report.call_sid)
+            nursery.cancel_scope.cancel()
+
+    assert report.violations == ()
+    assert report.greeting.audio_ms > 0, "the greeting was heard"
+    assert report.greeting.latency_ms < report.turns[0].started_ms, "greeting before the caller speaks"
+    assert [t.answered for t in report.turns] == [True, True]
+
+    turns = turns_of(records, report.call_sid)
+    assert [t["caller_text"] for t in turns] == [HOURS_LINE, BYE_LINE]
+    hours_reply = next(r.reply for r in acme.rules if "open" in r.keywords)
+    assert turns[0]["reply_text"] == hours_reply
+    assert "goodbye" in turns[1]["reply_text"].lower()
+
+    request = cloud.stats()["last_chat_request"]
+    assert request["stream"] is True
+    assert request["messages"][0] == {"role": "system", "content": acme.system_prompt}
+    assert request["messages"][-1] == {"role": "user", "content": BYE_LINE}
+    assert {"role": "user", "content": HOURS_LINE} in request["messages"], "history carries turn 1"
+
+    # Reply audio arrived as frames, each piece followed by a mark that came back.
+    assert report.turns[0].reply_frames > 0 and len(report.turns[0].marks_echoed) >= 2
+    assert call["states"][:6] == ["REFRACTORY", "LISTENING", "FINALIZING", "THINKING", "SPEAKING", "REFRACTORY"]
+    assert call["states"][6:11] == ["LISTENING", "FINALIZING", "THINKING", "SPEAKING", "REFRACTORY"]
+    assert call["states"][-1] == "ENDED"
+    for turn in turns:
+        stamps = turn["stamps_ms"]
+        order = ["speech_start", "speech_end", "ai_start", "ai_first_token", "tts_start",
+                 "tts_first_audio", "first_reply_frame_sent"]
+        assert [stamps[name] for name in order] == sorted(stamps[name] for name in order)
+
+
+async def test_two_concurrent_calls_are_kept_apart(config, cloud, caller):
+    records: list[dict] = []
+    reports = {}
+    with trio.fail_after(CALL_LIMIT_S):
+        async with trio.open_nursery() as nursery:
+            url = await start_agent(nursery, config, records)
+
+            async def dial(business: str) -> None:
+                reports[business] = await place_call(url, [caller["hours"]], business=business)
+
+            async with trio.open_nursery() as calls:
+                calls.start_soon(dial, "acme")
+                calls.start_soon(dial, "default")
+            for report in reports.values():
+                await wait_for_call_record(records, report.call_sid)
+            nursery.cancel_scope.cancel()
+
+    acme, default = reports["acme"], reports["default"]
+    assert acme.call_sid != default.call_sid
+    [acme_turn] = turns_of(records, acme.call_sid)
+    [default_turn] = turns_of(records, default.call_sid)
+    assert acme_turn["caller_text"] == default_turn["caller_text"] == HOURS_LINE
+    assert acme_turn["reply_text"] == next(r.reply for r in config.business("acme").rules if "open" in r.keywords)
+    # The Hebrew business has no English keywords: its own fallback, in its own call.
+    assert default_turn["reply_text"] == config.business("default").fallback_reply
+    assert acme.turns[0].answered and default.turns[0].answered
+
+
+async def test_a_malformed_frame_closes_only_that_call(config, cloud, caller):
+    records: list[dict] = []
+    with trio.fail_after(CALL_LIMIT_S):
+        async with trio.open_nursery() as nursery:
+            url = await start_agent(nursery, config, records)
+            healthy = {}
+
+            async def healthy_call() -> None:
+                healthy["report"] = await place_call(url, [caller["hours"]], business="acme")
+
+            nursery.start_soon(healthy_call)
+            async with trio_websocket.open_websocket_url(url) as ws:
+                await ws.send_message(twilio.render_connected())
+                await ws.send_message(twilio.render_start(
+                    stream_sid="MZbad", call_sid="CAbad", account_sid="AC1", custom_parameters={}))
+                await ws.send_message('{"event": "media", "streamSid": "MZbad", "media": {"payload": "%%%"}}')
+                with pytest.raises(trio_websocket.ConnectionClosed) as closed:
+                    while True:
+                        await ws.get_message()
+            while "report" not in healthy:
+                await trio.sleep(0.05)
+            nursery.cancel_scope.cancel()
+
+    assert closed.value.reason.code == 1008
+    assert "media" in closed.value.reason.reason
+    assert healthy["report"].turns[0].answered
+    assert call_record(records, "CAbad")["states"][-1] == "ENDED"
+
+
+async def test_when_streaming_stt_cannot_open_the_fallback_answers(config, cloud, caller):
+    cloud.set_faults(stt_fail_opens=3)
+    records: list[dict] = []
+    with trio.fail_after(CALL_LIMIT_S):
+        async with trio.open_nursery() as nursery:
+            url = await start_agent(nursery, config, records)
+            report = await place_call(url, [caller["hours"]], business="acme")
+            await wait_for_call_record(records, report.call_sid)
+            nursery.cancel_scope.cancel()
+
+    stats = cloud.stats()
+    assert stats["recognize_calls"] >= 1, "the turn went through unary Recognize"
+    [turn] = turns_of(records, report.call_sid)
+    assert turn["caller_text"], "the fallback transcribed the caller"
+    assert report.turns[0].answered
