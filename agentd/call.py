@@ -63,7 +63,8 @@ def turn_settings(config: Config) -> fsm.TurnSettings:
         fallback_timeout_s=config.stt.fallback_timeout_ms / 1000, refractory_s=t.refractory_ms / 1000,
         breath_min_s=t.breath_min_ms / 1000, breath_max_s=t.breath_max_ms / 1000,
         barge_in_enabled=t.barge_in_enabled, barge_in_min_s=t.barge_in_min_ms / 1000,
-        greeting_barge_in=t.greeting_barge_in,
+        greeting_barge_in=t.greeting_barge_in, early_finalize=t.early_finalize_enabled,
+        strong_punct_min_chars=t.strong_punct_min_chars, strong_bare_min_chars=t.strong_bare_min_chars,
     )
 
 

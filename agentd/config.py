@@ -102,6 +102,16 @@ class ServerConfig:
     path: str = _opt("/media", pattern=r"/[^\s?#]*", like="/path")
     max_message_bytes: int = _opt(65536, lo=1024)
     max_calls: int = _opt(100, lo=1)
+    max_call_duration_s: float = _opt(3600.0, lo=1)
+    # Twilio request validation: the public wss:// URL exactly as in the TwiML ("" = no check).
+    public_url: str = _opt("", pattern=r"wss?://[^\s?#]+", like="wss://host/path", allow_empty=True)
+    # Name of the env variable holding the Twilio auth token used to check x-twilio-signature.
+    auth_token_env: str = _opt("TWILIO_AUTH_TOKEN", pattern=r"[A-Za-z_][A-Za-z0-9_]*",
+                               like="an environment variable name")
+    # Per-call <Parameter> carrying HMAC-SHA256(secret, callSid) ("" = no per-call token).
+    call_token_param: str = _opt("", allow_empty=True)
+    call_token_secret_env: str = _opt("AGENTD_CALL_TOKEN_SECRET", pattern=r"[A-Za-z_][A-Za-z0-9_]*",
+                                      like="an environment variable name")
     stats_interval_s: float = _opt(1.0, _SECONDS)  # 0 = no per-call stats line
     telemetry_dir: str = _opt("", allow_empty=True)  # "" = telemetry off
     log_level: str = _opt("INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"))
@@ -113,6 +123,8 @@ class AudioConfig:
 
     tx_queue_frames: int = _opt(120, lo=1)
     tx_lead_frames: int = _opt(5, lo=0)
+    # Marks not echoed this long after their audio should have played are given up on.
+    mark_timeout_ms: int = _opt(3000, _TIMEOUT_MS)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -137,7 +149,12 @@ class TurnConfig:
     breath_max_ms: int = _opt(120, _MS)
     barge_in_enabled: bool = True
     barge_in_min_ms: int = _opt(300, _MS)
+    barge_in_guard_ms: int = _opt(250, _MS)
+    barge_in_requires_words: bool = True
     greeting_barge_in: bool = True
+    early_finalize_enabled: bool = True
+    strong_punct_min_chars: int = _opt(12, lo=1)
+    strong_bare_min_chars: int = _opt(18, lo=1)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -157,6 +174,7 @@ class SttConfig:
     open_attempts: int = _opt(3, lo=1)
     open_timeout_ms: int = _opt(3000, _TIMEOUT_MS)
     fallback_timeout_ms: int = _opt(5000, _TIMEOUT_MS)
+    rotate_after_s: float = _opt(240.0, lo=5, hi=300)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -167,6 +185,7 @@ class TtsConfig:
     tls: bool = True
     timeout_ms: int = _opt(5000, _TIMEOUT_MS)
     speaking_rate: float = _opt(1.0, lo=0.25, hi=4.0)
+    streaming: bool = False
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -184,6 +203,18 @@ class LlmConfig:
     timeout_ms: int = _opt(10000, _TIMEOUT_MS)
     first_token_timeout_ms: int = _opt(4000, _TIMEOUT_MS)
     history_turns: int = _opt(12, lo=0)
+    first_clause_min_chars: int = _opt(24, lo=0)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SpecConfig:
+    """[spec]: speculative replies started on a stable partial transcript."""
+
+    enabled: bool = True
+    min_chars: int = _opt(14, lo=1)
+    stable_ms: int = _opt(250, _MS)
+    wait_ms: int = _opt(400, _MS)
+    synthesize_draft: bool = False
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -212,7 +243,7 @@ class Business:
 
 _SECTIONS: Mapping[str, type] = types.MappingProxyType({
     "server": ServerConfig, "audio": AudioConfig, "vad": VadConfig, "turn": TurnConfig,
-    "stt": SttConfig, "tts": TtsConfig, "llm": LlmConfig,
+    "stt": SttConfig, "tts": TtsConfig, "llm": LlmConfig, "spec": SpecConfig,
 })
 
 
@@ -227,6 +258,7 @@ class Config:
     stt: SttConfig = field(default_factory=SttConfig)
     tts: TtsConfig = field(default_factory=TtsConfig)
     llm: LlmConfig = field(default_factory=LlmConfig)
+    spec: SpecConfig = field(default_factory=SpecConfig)
     businesses: Mapping[str, Business]
     default_business: str = "default"
 
