@@ -65,6 +65,8 @@ def turn_settings(config: Config) -> fsm.TurnSettings:
         barge_in_enabled=t.barge_in_enabled, barge_in_min_s=t.barge_in_min_ms / 1000,
         greeting_barge_in=t.greeting_barge_in, early_finalize=t.early_finalize_enabled,
         strong_punct_min_chars=t.strong_punct_min_chars, strong_bare_min_chars=t.strong_bare_min_chars,
+        spec_enabled=config.spec.enabled, spec_min_chars=config.spec.min_chars,
+        spec_stable_s=config.spec.stable_ms / 1000, spec_wait_s=config.spec.wait_ms / 1000,
     )
 
 
@@ -81,8 +83,10 @@ def stt_settings(config: Config, business: Business) -> SttSettings:
 class Call:
     """One Twilio Media Stream, from ``start`` to hang-up."""
 
-    def __init__(self, ws: trio_websocket.WebSocketConnection, services: Services):
+    def __init__(self, ws: trio_websocket.WebSocketConnection, services: Services, *,
+                 on_start: Callable[[twilio.Start], None] | None = None):
         self._ws = ws
+        self._on_start = on_start  # the server's admission check; may raise CallProtocolError
         self._svc = services
         self._max_bytes = services.config.server.max_message_bytes
         self.t0 = trio.current_time()
@@ -93,6 +97,8 @@ class Call:
         self._timelines[0].stamp("ws_connected", self.t0)
         self._pending = telemetry.TurnTimeline()
         self._jobs: dict[int, ReplyJob] = {}
+        self._turn_facts: dict[int, dict] = {}
+        self._turns_taken = 0
         self._user_text: dict[int, str] = {}
         self._rearm = trio.Event()
         self._nursery: trio.Nursery | None = None
@@ -102,6 +108,8 @@ class Call:
     async def run(self) -> None:
         """Serve the call until ``stop`` or the socket closes. Raises CallProtocolError."""
         start = await self._await_start()
+        if self._on_start is not None:
+            self._on_start(start)
         self._setup(start)
         try:
             async with trio.open_nursery() as nursery:
@@ -163,8 +171,9 @@ class Call:
         for reply in list(self._jobs):
             self._close_turn(reply, interrupted=True)
         record = {"call_sid": self.call_sid, "duration_ms": round((now - self.t0) * 1000, 1),
-                  "turns": len(self._timelines) - 1, "states": self.states,
+                  "turns": self._turns_taken, "states": self.states,
                   "tx_drops": getattr(getattr(self, "tx", None), "drops", 0),
+                  "speculation": dict(self.fsm.spec_counts) if hasattr(self, "fsm") else {},
                   "greeting": self._timelines[0].to_record(self.call_sid, 0, self.t0, {})}
         self._svc.sink.emit_call(record)
         for observer in self._svc.observers:
@@ -177,7 +186,6 @@ class Call:
         at = trio.current_time()
         for fact in self.vad.feed(payload, at):
             if isinstance(fact, VoiceStarted):
-                self._pending.stamp("speech_start", fact.at)
                 self._dispatch(fsm.SpeechStarted(at=fact.at))
             elif isinstance(fact, VoiceEnded):
                 self._dispatch(fsm.SpeechEnded(at=fact.at))
@@ -197,8 +205,9 @@ class Call:
             self._pending.stamp("first_partial", event.at)
         elif isinstance(event, fsm.Final):
             self._pending.stamp("final_text", event.at)
-        before = self.fsm.state
+        before, spec_before = self.fsm.state, dict(self.fsm.spec_counts)
         actions = self.fsm.handle(event)
+        self._note_speculation(spec_before)
         for state in self.fsm.path:
             self.states.append(state.name)
             log.info("call=%s %s->%s on %s +%dms", self.call_sid, before.name, state.name,
@@ -210,12 +219,20 @@ class Call:
             self._close_turn(event.reply)
         self._rearm.set()
 
+    def _note_speculation(self, before: dict[str, int]) -> None:
+        for count, outcome in (("hits", "hit"), ("misses", "miss"), ("late", "late")):
+            if self.fsm.spec_counts[count] > before[count]:
+                self._facts(self.fsm.reply)["speculation"] = outcome
+
     def _carry_out(self, action: fsm.Action) -> None:
         if isinstance(action, fsm.PlayGreeting):
             self._play_greeting()
         elif isinstance(action, fsm.StartReply):
             self._start_reply(action)
+        elif isinstance(action, fsm.AdoptDraft):
+            self._adopt_draft(action)
         elif isinstance(action, fsm.BeginPlayback):
+            self._facts(action.reply)["breath_ms"] = round(self.fsm.breath_s * 1000, 1)
             self._jobs[action.reply].begin.set()
         elif isinstance(action, fsm.StopPlayback):
             self.tx.clear(twilio.render_clear(self.stream_sid))
@@ -251,20 +268,45 @@ class Call:
         job.begin.set()
 
     def _start_reply(self, action: fsm.StartReply) -> None:
-        timeline, self._pending = self._pending, telemetry.TurnTimeline()
-        self._timelines[action.reply] = timeline
-        timeline.stamp("speech_start", action.speech_start_at)
-        timeline.stamp("speech_end", action.speech_end_at)
         job = self._new_job(action.reply)
-        messages = build_messages(self.business.system_prompt, self._recent_history(), action.text)
-        self.history.append(("user", action.text))
-        self._user_text[action.reply] = action.text
         timeline = self._timelines[action.reply]
-        think = chat_thinker(self._svc.chat, messages, first_clause_min_chars=0,
+        messages = build_messages(self.business.system_prompt, self._recent_history(), action.text)
+        think = chat_thinker(self._svc.chat, messages,
+                             first_clause_min_chars=self._svc.config.llm.first_clause_min_chars,
                              stamp=lambda name: timeline.stamp(name, trio.current_time()))
         self._nursery.start_soon(lambda: job.run(think=think))
+        if action.draft:
+            job.draft = True  # think now; speak only if the turn ends on these words
+            if self._svc.config.spec.synthesize_draft:
+                job.gate.set()
+        else:
+            self._take_turn(action.reply, action.text, action.speech_start_at, action.speech_end_at)
+
+    def _adopt_draft(self, action: fsm.AdoptDraft) -> None:
+        job = self._jobs[action.reply]
+        job.draft = False
+        self._take_turn(action.reply, action.text, action.speech_start_at, action.speech_end_at)
+
+    def _take_turn(self, reply: int, text: str, speech_start_at: float, speech_end_at: float) -> None:
+        """Reply ``reply`` answers the caller's turn: telemetry, history, and let it speak."""
+        timeline, pending, self._pending = self._timelines[reply], self._pending, telemetry.TurnTimeline()
+        timeline.stamp("speech_start", speech_start_at)
+        timeline.stamp("speech_end", speech_end_at)
+        for name in ("first_partial", "final_text"):
+            at = pending.get(name)
+            if at is not None:
+                timeline.stamp(name, at)
+        self._turns_taken += 1
+        self._facts(reply).update(turn=self._turns_taken, reply=reply,
+                                  required_silence_ms=round(self.fsm.required_silence_s * 1000, 1))
+        self.history.append(("user", text))
+        self._user_text[reply] = text
+        self._jobs[reply].gate.set()
         if self.business.log_transcripts:
-            log.info("call=%s turn=%d caller: %s", self.call_sid, action.reply, action.text)
+            log.info("call=%s turn=%d caller: %s", self.call_sid, reply, text)
+
+    def _facts(self, reply: int) -> dict:
+        return self._turn_facts.setdefault(reply, {})
 
     def _recent_history(self) -> list[tuple[str, str]]:
         return self.history[-2 * self._svc.config.llm.history_turns:]
@@ -278,15 +320,17 @@ class Call:
         job = self._jobs.pop(reply)
         job.scope.cancel()
         said = " ".join(job.heard if interrupted else job.spoken)
-        if reply > 0:
+        if reply > 0 and not job.draft:
             if resumes_turn and self.history and self.history[-1] == ("user", self._user_text.get(reply)):
                 self.history.pop()  # the FSM puts these words back into the turn still going on
             elif said:
                 self.history.append(("assistant", said))
+            facts = self._turn_facts.pop(reply, {})
             record = self._timelines[reply].to_record(
-                self.call_sid, reply, self.t0,
+                self.call_sid, facts.pop("turn", 0), self.t0,
                 {"interrupted": interrupted, "failed": job.failed, "reply_text": " ".join(job.spoken),
-                 "caller_text": self._user_text.get(reply, "") if self.business.log_transcripts else None})
+                 "caller_text": self._user_text.get(reply, "") if self.business.log_transcripts else None,
+                 "speculation": "none", **facts})
             self._svc.sink.emit_turn(record)
             for observer in self._svc.observers:
                 observer(record | {"kind": "turn", "caller_text": self._user_text.get(reply, ""),

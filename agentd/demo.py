@@ -71,6 +71,8 @@ def print_turns(report: CallReport, records: list[dict]) -> None:
         print(f"  agent said  : {record.get('reply_text', '(no reply)')!r}")
         if record:
             print(telemetry.format_timeline(record))
+            print(f"  turn ended  : after {record.get('required_silence_ms', '?')} ms of required silence; "
+                  f"speculative reply: {record.get('speculation', 'none')}; breath {record.get('breath_ms', '?')} ms")
         print(f"  softphone   : voice-to-voice {turn.v2v_ms} ms (caller's last voiced frame -> first agent audio played)\n")
 
 

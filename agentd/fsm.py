@@ -158,6 +158,17 @@ class StartReply:
     text: str
     speech_start_at: float
     speech_end_at: float
+    draft: bool = False  # speculative: think (and maybe synthesize) but never play unless adopted
+
+
+@dataclass(**_EV)
+class AdoptDraft:
+    """The turn ended on the words draft ``reply`` was built on: it becomes the reply."""
+
+    reply: int
+    text: str
+    speech_start_at: float
+    speech_end_at: float
 
 
 @dataclass(**_EV)
@@ -189,7 +200,7 @@ class TranscribeFallback:
     speech_end_at: float
 
 
-Action = PlayGreeting | StartReply | BeginPlayback | StopPlayback | CancelReply | TranscribeFallback
+Action = PlayGreeting | StartReply | AdoptDraft | BeginPlayback | StopPlayback | CancelReply | TranscribeFallback
 
 
 # -------------------------------------------------------------- settings ---
@@ -215,6 +226,10 @@ class TurnSettings:
     early_finalize: bool = False
     strong_punct_min_chars: int = 12
     strong_bare_min_chars: int = 18
+    spec_enabled: bool = False
+    spec_min_chars: int = 14
+    spec_stable_s: float = 0.25
+    spec_wait_s: float = 0.4
 
 
 # ----------------------------------------------------------- call memory ---
@@ -227,6 +242,15 @@ class _Utterance:
     start_at: float
     voiced: bool = True
     end_at: float | None = None  # last voiced instant, None while voiced
+
+
+@dataclass(slots=True)
+class _Draft:
+    """A speculative reply built on a stable partial transcript."""
+
+    reply: int
+    text: str
+    ready: bool = False  # its first audio exists
 
 
 @dataclass(slots=True)
@@ -265,6 +289,14 @@ class CallFSM:
         self._committed_text = ""
         self._committed_start = 0.0
         self._speak_when_quiet = False  # the reply is ready but the caller is talking
+        self._committed_end = 0.0
+        self._eot_silence = 0.0
+        self._draft: _Draft | None = None
+        self._spec_candidate = ""  # normalized transcript the "spec" timer is watching
+        # Facts for telemetry, read by the driver after a commit / BeginPlayback.
+        self.required_silence_s = 0.0  # silence the end-of-turn rule demanded
+        self.breath_s = 0.0  # breath delay before the last playback
+        self.spec_counts = {"drafts": 0, "hits": 0, "misses": 0, "late": 0}
 
     def __repr__(self) -> str:
         timers = ", ".join(f"{k}@{v:.3f}" for k, v in sorted(self._timers.items()))
@@ -298,11 +330,13 @@ class CallFSM:
     def _ignore(self, event: Event) -> None:
         return None
 
-    def _enter(self, state: State) -> None:
+    def _enter(self, state: State, *, keep: tuple[str, ...] = ()) -> None:
         if state is not self.state:
             self.path += (state,)
         self.state = state
+        kept = {name: self._timers[name] for name in keep if name in self._timers}
         self._timers.clear()
+        self._timers.update(kept)
 
     def _on_tick(self, event: Tick) -> list[Action]:
         actions: list[Action] = []
@@ -445,6 +479,7 @@ class CallFSM:
             return None
         if self._utt is None:  # words the VAD missed: a quiet caller
             self._utt = _Utterance(start_at=event.at, voiced=False, end_at=event.at)
+        self._watch_for_draft(event.at)
         if not self._utt.voiced:
             self._arm_end_of_turn(self._utt.end_at or event.at)
         return None
@@ -456,6 +491,7 @@ class CallFSM:
         deadline = utt.end_at + self._silence_needed(utt)
         if self.settings.early_finalize and self._is_strong(self._transcript.text()):
             deadline = min(deadline, utt.end_at + self.settings.hangover_s)
+        self._eot_silence = deadline - utt.end_at
         self._timers["eot"] = max(deadline, now)
 
     def _is_strong(self, text: str) -> bool:
@@ -470,8 +506,8 @@ class CallFSM:
         heard = bool(self._transcript.text())
         if not heard and utt.end_at - utt.start_at < self.settings.min_utt_s:
             self._drop_utterance()  # a blip with no words: noise, not a turn
-            return []
-        self._enter(State.FINALIZING)
+            return self._discard_draft()
+        self._enter(State.FINALIZING, keep=("spec",))
         self._utt = utt
         return self._await_transcript(when)
 
@@ -497,6 +533,7 @@ class CallFSM:
     def _finalizing_result(self, event: Partial | Final) -> list[Action]:
         if not self._record_result(event):
             return []
+        self._watch_for_draft(event.at)
         if isinstance(event, Final) and not self._transcript.partial:
             if not self._transcript.text():
                 return self._give_up()
@@ -506,7 +543,7 @@ class CallFSM:
     def _finalizing_resumed(self, event: SpeechStarted) -> None:
         """The caller was only pausing: the same turn goes on."""
         utt = self._utt
-        self._enter(State.LISTENING)
+        self._enter(State.LISTENING, keep=("spec",))
         self._utt = utt
         self._continue_speech(event)
 
@@ -518,7 +555,7 @@ class CallFSM:
     def _give_up(self) -> list[Action]:
         self._enter(State.LISTENING)
         self._drop_utterance()
-        return []
+        return self._discard_draft()
 
     def _stt_lost(self, event: SttLost) -> list[Action]:
         was_streaming, self.streaming_stt = self.streaming_stt, False
@@ -532,26 +569,92 @@ class CallFSM:
     def _commit(self, now: float) -> list[Action]:
         utt = self._utt
         assert utt is not None
-        text = self._transcript.text()
-        self._replies_started += 1
-        self._reply = self._replies_started
         self._committed_at = now
-        self._committed_text = text
+        self._committed_text = self._transcript.text()
         self._committed_start = utt.start_at
+        self._committed_end = utt.end_at if utt.end_at is not None else now
+        self.required_silence_s = self._eot_silence
+        draft, self._draft = self._draft, None
         self._enter(State.THINKING)
         self._speak_when_quiet = False
         self._drop_utterance()
-        end_at = utt.end_at if utt.end_at is not None else now
-        return [StartReply(reply=self._reply, text=text, speech_start_at=utt.start_at, speech_end_at=end_at)]
+        if draft is None:
+            return self._fresh_reply()
+        if textrules.normalize_for_match(draft.text) != textrules.normalize_for_match(self._committed_text):
+            self.spec_counts["misses"] += 1  # never speak words the caller did not end with
+            return [CancelReply(reply=draft.reply), *self._fresh_reply()]
+        self.spec_counts["hits"] += 1
+        self._reply = draft.reply
+        if draft.ready:
+            self._arm_breath(now)
+        else:
+            self._timers["spec_wait"] = now + self.settings.spec_wait_s
+        return [AdoptDraft(reply=draft.reply, text=self._committed_text,
+                           speech_start_at=self._committed_start, speech_end_at=self._committed_end)]
+
+    def _fresh_reply(self) -> list[Action]:
+        self._replies_started += 1
+        self._reply = self._replies_started
+        return [StartReply(reply=self._reply, text=self._committed_text,
+                           speech_start_at=self._committed_start, speech_end_at=self._committed_end)]
+
+    # -- speculation -------------------------------------------------------
+
+    def _watch_for_draft(self, now: float) -> None:
+        """(Re)start the stability clock when the transcript changes."""
+        s = self.settings
+        if not s.spec_enabled:
+            return
+        text = textrules.normalize_for_match(self._transcript.text())
+        if len(text) < s.spec_min_chars:
+            self._timers.pop("spec", None)
+            self._spec_candidate = ""
+        elif text != self._spec_candidate:
+            self._spec_candidate = text
+            self._timers["spec"] = now + s.spec_stable_s
+
+    def _spec_timer(self, when: float) -> list[Action]:
+        """The transcript held still: draft a reply to it (replacing an older draft)."""
+        text = self._transcript.text()
+        if self._draft is not None and textrules.normalize_for_match(self._draft.text) == self._spec_candidate:
+            return []
+        actions = self._discard_draft()
+        self._replies_started += 1
+        self._draft = _Draft(reply=self._replies_started, text=text)
+        self.spec_counts["drafts"] += 1
+        utt = self._utt
+        start = utt.start_at if utt is not None else when
+        end = utt.end_at if utt is not None and utt.end_at is not None else when
+        return [*actions, StartReply(reply=self._draft.reply, text=text, speech_start_at=start,
+                                     speech_end_at=end, draft=True)]
+
+    def _discard_draft(self) -> list[Action]:
+        draft, self._draft = self._draft, None
+        self._spec_candidate = ""
+        return [CancelReply(reply=draft.reply)] if draft is not None else []
+
+    def _draft_audio_ready(self, event: ReplyAudioReady) -> None:
+        if self._draft is not None and event.reply == self._draft.reply:
+            self._draft.ready = True
+
+    def _spec_wait_timer(self, when: float) -> list[Action]:
+        """The adopted draft is late: drop it and ask afresh with the final words."""
+        self.spec_counts["late"] += 1
+        return [CancelReply(reply=self._reply), *self._fresh_reply()]
 
     # -- THINKING ----------------------------------------------------------
 
     def _reply_audio_ready(self, event: ReplyAudioReady) -> None:
         if event.reply != self._reply or "breath" in self._timers or self._speak_when_quiet:
             return None
-        s = self.settings
-        self._timers["breath"] = event.at + self._rng.uniform(s.breath_min_s, s.breath_max_s)
+        self._timers.pop("spec_wait", None)
+        self._arm_breath(event.at)
         return None
+
+    def _arm_breath(self, now: float) -> None:
+        s = self.settings
+        self.breath_s = self._rng.uniform(s.breath_min_s, s.breath_max_s)
+        self._timers["breath"] = now + self.breath_s
 
     def _breath_timer(self, when: float) -> list[Action]:
         if "barge" in self._timers:
@@ -571,8 +674,9 @@ class CallFSM:
 
     def _hangup(self, event: Hangup) -> list[Action]:
         busy = self.state in (State.THINKING, State.SPEAKING)
+        actions = self._discard_draft()
         self._enter(State.ENDED)
-        return [CancelReply(reply=self._reply)] if busy else []
+        return [*actions, CancelReply(reply=self._reply)] if busy else actions
 
 
 _TIMERS = {
@@ -581,6 +685,8 @@ _TIMERS = {
     "eot": CallFSM._eot_timer,
     "final": CallFSM._final_timer,
     "breath": CallFSM._breath_timer,
+    "spec": CallFSM._spec_timer,
+    "spec_wait": CallFSM._spec_wait_timer,
 }
 
 G, L, F, T, S, R, E = (
@@ -611,14 +717,14 @@ _TRANSITIONS = {
     (L, Partial): _._listening_result,
     (L, Final): _._listening_result,
     (L, PlaybackDone): _._ignore,          # marks echoed by our own `clear`
-    (L, ReplyAudioReady): _._ignore,       # audio of an abandoned reply
+    (L, ReplyAudioReady): _._draft_audio_ready,  # a draft's, or an abandoned reply's
 
     (F, SpeechStarted): _._finalizing_resumed,
     (F, SpeechEnded): _._release_speech,
     (F, Partial): _._finalizing_result,
     (F, Final): _._finalizing_result,
     (F, PlaybackDone): _._ignore,
-    (F, ReplyAudioReady): _._ignore,
+    (F, ReplyAudioReady): _._draft_audio_ready,
 
     (T, SpeechStarted): _._arm_barge_in,
     (T, SpeechEnded): _._thinking_silence,

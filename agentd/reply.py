@@ -59,6 +59,8 @@ class ReplyJob:
         self.id = reply_id
         self.scope = trio.CancelScope()
         self.begin = trio.Event()
+        self.gate = trio.Event()  # synthesis may start (held shut for an unadopted draft)
+        self.draft = False
         self.spoken: list[str] = []  # pieces queued to Twilio, in order
         self.heard: list[str] = []  # pieces whose mark came back before any clear
         self.failed: str | None = None
@@ -112,6 +114,7 @@ class ReplyJob:
 
     async def _voice(self, sentences: trio.MemoryReceiveChannel, out: trio.MemorySendChannel) -> None:
         async with out:
+            await self.gate.wait()
             async for sentence in sentences:
                 piece = await self._synthesize(sentence)
                 if piece is not None:

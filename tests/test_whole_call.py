@@ -111,9 +111,11 @@ async def test_a_call_is_greeted_then_each_turn_answered(config, cloud, caller):
     assert call["states"][-1] == "ENDED"
     for turn in turns:
         stamps = turn["stamps_ms"]
-        order = ["speech_start", "speech_end", "ai_start", "ai_first_token", "tts_start",
-                 "tts_first_audio", "first_reply_frame_sent"]
-        assert [stamps[name] for name in order] == sorted(stamps[name] for name in order)
+        # A speculative draft may ask the LLM before the caller stops; speech waits for the turn.
+        for order in (["speech_start", "speech_end", "tts_start", "tts_first_audio", "first_reply_frame_sent"],
+                      ["ai_start", "ai_first_token", "tts_start"]):
+            assert [stamps[name] for name in order] == sorted(stamps[name] for name in order)
+        assert turn["speculation"] in ("hit", "miss", "late", "none")
 
 
 async def test_two_concurrent_calls_are_kept_apart(config, cloud, caller):
