@@ -481,7 +481,7 @@ class CallFSM:
             self._utt = _Utterance(start_at=event.at, voiced=False, end_at=event.at)
         self._watch_for_draft(event.at)
         if not self._utt.voiced:
-            self._arm_end_of_turn(self._utt.end_at or event.at)
+            self._arm_end_of_turn(event.at)  # strong words may pull it in, but never before they came
         return None
 
     def _arm_end_of_turn(self, now: float) -> None:
@@ -523,6 +523,8 @@ class CallFSM:
         assert utt is not None
         if not self.streaming_stt:
             self._transcript.clear()  # the fallback transcribes the whole utterance again
+            self._timers.pop("spec", None)  # the words it watched are gone: no draft of nothing
+            self._spec_candidate = ""
             self._timers["final"] = now + self.settings.fallback_timeout_s
             return [TranscribeFallback(speech_start_at=utt.start_at, speech_end_at=utt.end_at or now)]
         if self._transcript.finals and not self._transcript.partial:
@@ -575,6 +577,7 @@ class CallFSM:
         self._committed_end = utt.end_at if utt.end_at is not None else now
         self.required_silence_s = self._eot_silence
         draft, self._draft = self._draft, None
+        self._spec_candidate = ""  # the next turn's words are new, even if they repeat these
         self._enter(State.THINKING)
         self._speak_when_quiet = False
         self._drop_utterance()
@@ -618,7 +621,9 @@ class CallFSM:
         text = self._transcript.text()
         if self._draft is not None and textrules.normalize_for_match(self._draft.text) == self._spec_candidate:
             return []
+        candidate = self._spec_candidate
         actions = self._discard_draft()
+        self._spec_candidate = candidate  # still watched: the same words must not re-arm the clock
         self._replies_started += 1
         self._draft = _Draft(reply=self._replies_started, text=text)
         self.spec_counts["drafts"] += 1
@@ -640,7 +645,8 @@ class CallFSM:
     def _spec_wait_timer(self, when: float) -> list[Action]:
         """The adopted draft is late: drop it and ask afresh with the final words."""
         self.spec_counts["late"] += 1
-        return [CancelReply(reply=self._reply), *self._fresh_reply()]
+        # resumes_turn: the adopted words move on to the fresh reply, so they must leave history.
+        return [CancelReply(reply=self._reply, resumes_turn=True), *self._fresh_reply()]
 
     # -- THINKING ----------------------------------------------------------
 
