@@ -77,6 +77,7 @@ def stt_settings(config: Config, business: Business) -> SttSettings:
         automatic_punctuation=s.automatic_punctuation, batch_ms=s.batch_ms,
         partial_debounce_ms=s.partial_debounce_ms, open_attempts=s.open_attempts,
         open_timeout_s=s.open_timeout_ms / 1000, fallback_timeout_s=s.fallback_timeout_ms / 1000,
+        rotate_after_s=s.rotate_after_s,
     )
 
 
@@ -115,7 +116,10 @@ class Call:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
                 await nursery.start(self.tx.run)
-                await nursery.start(self.stt.run)
+                if self._svc.config.stt.streaming_enabled:
+                    await nursery.start(self.stt.run)
+                else:
+                    self._dispatch(fsm.SttLost(at=trio.current_time()))  # every turn via Recognize
                 nursery.start_soon(self._run_timers)
                 nursery.start_soon(self._report_stats)
                 self._dispatch(fsm.CallStarted(at=trio.current_time()))
@@ -142,7 +146,7 @@ class Call:
             aggressiveness=cfg.vad.aggressiveness, speech_start_ms=cfg.vad.speech_start_ms,
             hangover_ms=cfg.vad.hangover_ms))
         self.stt = StreamingRecognizer(self._svc.stt_channel, stt_settings(cfg, self.business),
-                                       self._dispatch)
+                                       self._dispatch, is_quiet=lambda: not self.vad.speaking)
         self.stt.on_stream_open = lambda at: self._timelines[0].stamp("stt_stream_opened", at)
         self.tx = TxQueue(self._ws.send_message, lambda f: twilio.render_media(self.stream_sid, f),
                           capacity_frames=cfg.audio.tx_queue_frames, lead_frames=cfg.audio.tx_lead_frames)

@@ -38,7 +38,11 @@ _RecognizeRequest = cloud_speech.RecognizeRequest.pb()
 _RecognizeResponse = cloud_speech.RecognizeResponse.pb()
 _BYTES_PER_S = 8000  # mu-law 8 kHz
 _HISTORY_S = 30.0  # caller audio kept for the fallback and for replay
-_MAX_UNSENT_BYTES = 3 * _BYTES_PER_S  # audio held while a stream opens
+_MAX_REPLAY_S = 15.0  # unfinalized audio kept to replay into a new stream
+_FRAME_S = 0.02
+_ROTATE_GRACE_S = 45.0  # how long a rotation may wait for the caller to be quiet
+_ROTATE_HARD_S = 295.0  # Google ends a stream at ~305 s of audio
+_ROTATE_POLL_S = 0.5
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -52,6 +56,7 @@ class SttSettings:
     open_attempts: int = 3
     open_timeout_s: float = 3.0
     retry_after_s: float = 10.0
+    rotate_after_s: float = 240.0
     fallback_timeout_s: float = 5.0
 
 
@@ -123,7 +128,8 @@ def parse_recognize_response(data: bytes) -> str:
 class StreamingRecognizer:
     """One call's recognizer: push audio synchronously, run() reports events."""
 
-    def __init__(self, channel: Channel, settings: SttSettings, emit: Callable[[fsm.Event], None]):
+    def __init__(self, channel: Channel, settings: SttSettings, emit: Callable[[fsm.Event], None],
+                 *, is_quiet: Callable[[], bool] = lambda: True):
         self._channel = channel
         self._settings = settings
         self._emit = emit
@@ -131,6 +137,8 @@ class StreamingRecognizer:
         self._pending = bytearray()
         self._pending_at: float | None = None
         self._history: collections.deque[tuple[float, bytes]] = collections.deque()
+        self._unfinalized: collections.deque[tuple[float, bytes]] = collections.deque()
+        self._is_quiet = is_quiet
         self._stream = None
         self._stream_t0: float | None = None
         self._last_partial_at = float("-inf")
@@ -152,19 +160,28 @@ class StreamingRecognizer:
             self._flush()
 
     def _flush(self) -> None:
-        if self._stream is None:
-            # No stream yet (opening): keep the newest audio to send once it opens.
-            excess = len(self._pending) - _MAX_UNSENT_BYTES
-            if excess > 0:
-                del self._pending[:excess]
-                self._pending_at = None
+        """Send the batch, and keep it until a final result covers it (for replay)."""
+        if not self._pending:
             return
-        if self._pending:
-            if self._stream_t0 is None:
-                self._stream_t0 = self._pending_at if self._pending_at is not None else trio.current_time()
-            self._stream.send_nowait(audio_request(bytes(self._pending)))
+        at = self._pending_at if self._pending_at is not None else trio.current_time()
+        chunk = bytes(self._pending)
         self._pending.clear()
         self._pending_at = None
+        self._unfinalized.append((at, chunk))
+        while self._unfinalized and self._unfinalized[0][0] < at - _MAX_REPLAY_S:
+            self._unfinalized.popleft()
+        if self._stream is not None:
+            if self._stream_t0 is None:
+                self._stream_t0 = at
+            self._stream.send_nowait(audio_request(chunk))
+
+    def _finalized_until(self, audio_end_at: float) -> None:
+        """A final covers the audio up to ``audio_end_at``: no need to replay it."""
+        while self._unfinalized:
+            at, chunk = self._unfinalized[0]
+            if at + len(chunk) / _BYTES_PER_S > audio_end_at + _FRAME_S:
+                break
+            self._unfinalized.popleft()
 
     def audio_between(self, start_at: float, end_at: float) -> bytes:
         """Buffered caller audio received between two call-clock instants."""
@@ -185,60 +202,94 @@ class StreamingRecognizer:
     # -- streaming -----------------------------------------------------------
 
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
-        """Keep a stream open for the life of the call, degrading to the fallback."""
+        """Keep a stream open for the life of the call: rotate it before Google's
+        ~305 s limit, reconnect when it dies, degrade to the fallback when it
+        cannot be opened. Every new stream is first fed the audio that no final
+        result covered yet, so nothing the caller said is lost in between."""
         task_status.started()
         failures = 0
-        while True:
-            opened_at = trio.current_time()
-            heard = await self._run_stream()
-            if heard or trio.current_time() - opened_at > self._settings.open_timeout_s:
+        previous = stream = None
+        try:
+            while True:
+                stream = self._open()
+                if previous is not None:
+                    previous.cancel()  # the new stream is open (and replayed): retire the old
+                    previous = None
+                opened_at = trio.current_time()
+                outcome = await self._pump(stream, opened_at)
+                if outcome == "rotate":
+                    previous, failures = stream, 0
+                    continue
+                self._stream = None
+                stream.cancel()
+                if outcome == "heard" or trio.current_time() - opened_at > self._settings.open_timeout_s:
+                    failures = 0
+                    continue  # a stream that worked and then died: reopen (and replay) at once
+                failures += 1
+                if failures < self._settings.open_attempts:
+                    await trio.sleep(0.2 * 2 ** (failures - 1))
+                    continue
+                log.warning("streaming STT failed to open %d times; using the fallback", failures)
+                self._emit(fsm.SttLost(at=trio.current_time()))
+                await trio.sleep(self._settings.retry_after_s)
                 failures = 0
-                continue  # a stream that worked and then died: reopen at once
-            failures += 1
-            if failures < self._settings.open_attempts:
-                await trio.sleep(0.2 * 2 ** (failures - 1))
-                continue
-            log.warning("streaming STT failed to open %d times; using the fallback", failures)
-            self._emit(fsm.SttLost(at=trio.current_time()))
-            await trio.sleep(self._settings.retry_after_s)
-            failures = 0
+        finally:
+            self._stream = None
+            for s in (stream, previous):
+                if s is not None:
+                    s.cancel()
 
-    async def _run_stream(self) -> bool:
-        """One stream, from open to failure. Returns whether any response came."""
+    def _open(self):
+        """Open a stream: config first, then the audio not yet covered by a final."""
+        stream = self._channel.open_stream(_SERVICE + "StreamingRecognize")
+        stream.send_nowait(config_request(self._settings))
+        self._stream = stream
+        self._stream_t0 = self._unfinalized[0][0] if self._unfinalized else None
+        for _at, chunk in self._unfinalized:
+            stream.send_nowait(audio_request(chunk))
+        self.streams_opened += 1
+        now = trio.current_time()
+        self.on_stream_open(now)
+        self._emit(fsm.SttReady(at=now))
+        return stream
+
+    async def _pump(self, stream, opened_at: float) -> str:
+        """Deliver one stream's results until it should rotate ("rotate") or
+        ends ("heard" if it ever answered, else "silent")."""
         heard = False
-        with self._channel.open_stream(_SERVICE + "StreamingRecognize") as stream:
-            stream.send_nowait(config_request(self._settings))
-            self._stream, self._stream_t0 = stream, None
-            self.streams_opened += 1
-            now = trio.current_time()
-            self.on_stream_open(now)
-            self._emit(fsm.SttReady(at=now))
-            self._flush()
-            try:
-                while True:
-                    data = await self._receive(stream)
-                    if data is None:
-                        continue
+        try:
+            while not self._rotation_due(opened_at):
+                data = await self._receive(stream, opened_at)
+                if data is not None:
                     heard = True
                     self._handle_response(data)
-            except RpcFailure as exc:
-                log.info("STT stream ended: %s", exc)
-            except trio.EndOfChannel:
-                log.info("STT stream closed by the server")
-            except UpstreamUnavailable as exc:
-                log.info("STT stream error: %s", exc)
-            finally:
-                self._stream = None
-        return heard
+            return "rotate"
+        except RpcFailure as exc:
+            log.info("STT stream ended: %s", exc)
+        except trio.EndOfChannel:
+            log.info("STT stream closed by the server")
+        except UpstreamUnavailable as exc:
+            log.info("STT stream error: %s", exc)
+        return "heard" if heard else "silent"
 
-    async def _receive(self, stream) -> bytes | None:
-        """Next response, or None when a held partial came due first."""
-        if self._held_partial is None:
+    def _rotation_due(self, opened_at: float) -> bool:
+        """Past rotate_after_s and the caller is quiet, or past the hard limit."""
+        age = trio.current_time() - opened_at
+        soft = self._settings.rotate_after_s
+        return age >= min(soft + _ROTATE_GRACE_S, _ROTATE_HARD_S) or (age >= soft and self._is_quiet())
+
+    async def _receive(self, stream, opened_at: float) -> bytes | None:
+        """Next response, or None when a held partial or a rotation check came due first."""
+        wake = opened_at + self._settings.rotate_after_s
+        if trio.current_time() >= wake:
+            wake = trio.current_time() + _ROTATE_POLL_S
+        if self._held_partial is not None:
+            wake = min(wake, self._last_partial_at + self._settings.partial_debounce_ms / 1000)
+        with trio.move_on_at(wake):
             return await stream.receive()
-        due = self._last_partial_at + self._settings.partial_debounce_ms / 1000
-        with trio.move_on_at(due):
-            return await stream.receive()
-        self._release_partial(self._held_partial)
+        held = self._held_partial
+        if held is not None and trio.current_time() >= self._last_partial_at + self._settings.partial_debounce_ms / 1000:
+            self._release_partial(held)
         return None
 
     def _handle_response(self, data: bytes) -> None:
@@ -247,6 +298,7 @@ class StreamingRecognizer:
             audio_end = (self._stream_t0 or now) + result.end_offset_s
             if result.is_final:
                 self._held_partial = None
+                self._finalized_until(audio_end)
                 self._emit(fsm.Final(at=now, text=result.text, audio_end_at=audio_end))
             else:
                 self._offer_partial(fsm.Partial(at=now, text=result.text, audio_end_at=audio_end))
