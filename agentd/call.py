@@ -63,6 +63,7 @@ def turn_settings(config: Config) -> fsm.TurnSettings:
         fallback_timeout_s=config.stt.fallback_timeout_ms / 1000, refractory_s=t.refractory_ms / 1000,
         breath_min_s=t.breath_min_ms / 1000, breath_max_s=t.breath_max_ms / 1000,
         barge_in_enabled=t.barge_in_enabled, barge_in_min_s=t.barge_in_min_ms / 1000,
+        barge_in_guard_s=t.barge_in_guard_ms / 1000, barge_in_requires_words=t.barge_in_requires_words,
         greeting_barge_in=t.greeting_barge_in, early_finalize=t.early_finalize_enabled,
         strong_punct_min_chars=t.strong_punct_min_chars, strong_bare_min_chars=t.strong_bare_min_chars,
         spec_enabled=config.spec.enabled, spec_min_chars=config.spec.min_chars,
@@ -257,10 +258,14 @@ class Call:
 
     def _new_job(self, reply: int, **stamps: str) -> ReplyJob:
         timeline = self._timelines.setdefault(reply, telemetry.TurnTimeline())
-        apology = self._svc.cache.get(self.voice, self.business.apology)
+        cfg, cache = self._svc.config, self._svc.cache
+        fillers = self.business.fillers
+        filler = cache.get(self.voice, fillers[reply % len(fillers)]) if fillers else None
         job = ReplyJob(reply, tx=self.tx, stream_sid=self.stream_sid, emit=self._dispatch,
                        stamp=lambda name: timeline.stamp(name, trio.current_time()),
-                       apology=apology, tts=self._svc.tts, voice=self.voice, **stamps)
+                       apology=cache.get(self.voice, self.business.apology), tts=self._svc.tts,
+                       voice=self.voice, filler=filler, filler_after_s=cfg.llm.filler_after_ms / 1000,
+                       mark_timeout_s=cfg.audio.mark_timeout_ms / 1000, **stamps)
         self._jobs[reply] = job
         return job
 

@@ -29,6 +29,18 @@ explicit ignore. A missing pair raises ``FsmError`` -- that is a driver bug.
 Transcripts: results whose audio ends before the last commit belong to a turn
 already answered (Google's late final for a partial we committed on); they are
 dropped by comparing ``audio_end_at`` with the commit time.
+
+Latency: a "strong" transcript (long enough, or punctuated; never ending on a
+dangling particle) ends the turn after the VAD hangover instead of the full
+silence rule (early finalize). A transcript that holds still for
+``spec_stable_s`` starts a *draft* reply (``StartReply(draft=True)``): the LLM
+thinks while the caller may still be talking, nothing plays. At the end of the
+turn a draft built on the same words is adopted (``AdoptDraft``), any other is
+cancelled -- a draft is never heard unless the caller ended with its words.
+
+Barge-in needs sustained speech (``barge_in_min_s``), counted only after the
+echo guard at the start of agent audio, and optionally recognized words, so
+line noise and the agent's own echo do not interrupt it.
 """
 
 from __future__ import annotations
@@ -222,6 +234,8 @@ class TurnSettings:
     breath_max_s: float = 0.12
     barge_in_enabled: bool = True
     barge_in_min_s: float = 0.3
+    barge_in_guard_s: float = 0.0  # speech in the first moments of agent audio never interrupts
+    barge_in_requires_words: bool = False  # noise and echo carry no words
     greeting_barge_in: bool = True
     early_finalize: bool = False
     strong_punct_min_chars: int = 12
@@ -289,6 +303,9 @@ class CallFSM:
         self._committed_text = ""
         self._committed_start = 0.0
         self._speak_when_quiet = False  # the reply is ready but the caller is talking
+        self._audio_since = 0.0  # when the agent's current playback began
+        self._last_words_at = float("-inf")  # when the recognizer last heard words
+        self._barge_wants_words = False  # sustained speech, waiting for words to interrupt
         self._committed_end = 0.0
         self._eot_silence = 0.0
         self._draft: _Draft | None = None
@@ -356,6 +373,7 @@ class CallFSM:
     # -- GREETING ----------------------------------------------------------
 
     def _start(self, event: CallStarted) -> list[Action]:
+        self._audio_since = event.at
         return [PlayGreeting()]
 
     def _greeting_speech(self, event: SpeechStarted) -> list[Action]:
@@ -390,17 +408,34 @@ class CallFSM:
 
     def _arm_barge_in(self, event: SpeechStarted) -> None:
         self._hold_speech(event)
-        if self.settings.barge_in_enabled:
-            self._timers["barge"] = event.at + self.settings.barge_in_min_s
+        s = self.settings
+        if s.barge_in_enabled:
+            counted_from = event.at
+            if self.state is not State.THINKING:  # echo guard: agent audio is playing
+                counted_from = max(event.at, self._audio_since + s.barge_in_guard_s)
+            self._timers["barge"] = counted_from + s.barge_in_min_s
 
     def _disarm_barge_in(self, event: SpeechEnded) -> None:
         self._release_speech(event)
         self._timers.pop("barge", None)
+        self._barge_wants_words = False
+
+    def _result_while_talking(self, event: Partial | Final) -> list[Action]:
+        """Words may be what a sustained interruption was waiting for."""
+        self._record_result(event)
+        if self._barge_wants_words and self._heard_words_since_speech():
+            return self._barge_timer(event.at)
+        return []
+
+    def _heard_words_since_speech(self) -> bool:
+        return self._utt is not None and self._last_words_at >= self._utt.start_at
 
     def _record_result(self, event: Partial | Final) -> bool:
         """Add a transcript result unless it belongs to a turn already answered."""
         if event.audio_end_at <= self._committed_at:
             return False
+        if event.text.strip():
+            self._last_words_at = event.at
         if isinstance(event, Final):
             if event.text.strip():
                 self._transcript.finals.append(event.text.strip())
@@ -409,11 +444,12 @@ class CallFSM:
             self._transcript.partial = event.text.strip()
         return True
 
-    def _buffer_result(self, event: Partial | Final) -> None:
-        self._record_result(event)
-
     def _barge_timer(self, when: float) -> list[Action]:
         """Caller speech lasted barge_in_min: stop talking and listen."""
+        if self.settings.barge_in_requires_words and not self._heard_words_since_speech():
+            self._barge_wants_words = True  # noise or echo so far: wait for words
+            return []
+        self._barge_wants_words = False
         actions: list[Action] = []
         if self.state in (State.GREETING, State.SPEAKING):
             actions.append(StopPlayback())
@@ -667,6 +703,7 @@ class CallFSM:
             self._speak_when_quiet = True  # never start talking over the caller
             return []
         self._enter(State.SPEAKING)
+        self._audio_since = when
         return [BeginPlayback(reply=self._reply)]
 
     def _thinking_silence(self, event: SpeechEnded) -> None:
@@ -706,8 +743,8 @@ _TRANSITIONS = {
     (G, CallStarted): _._start,
     (G, SpeechStarted): _._greeting_speech,
     (G, SpeechEnded): _._disarm_barge_in,
-    (G, Partial): _._buffer_result,
-    (G, Final): _._buffer_result,
+    (G, Partial): _._result_while_talking,
+    (G, Final): _._result_while_talking,
     (G, PlaybackDone): _._playback_done,
     (G, ReplyAudioReady): _._ignore,
 
@@ -734,15 +771,15 @@ _TRANSITIONS = {
 
     (T, SpeechStarted): _._arm_barge_in,
     (T, SpeechEnded): _._thinking_silence,
-    (T, Partial): _._buffer_result,
-    (T, Final): _._buffer_result,
+    (T, Partial): _._result_while_talking,
+    (T, Final): _._result_while_talking,
     (T, ReplyAudioReady): _._reply_audio_ready,
     (T, PlaybackDone): _._ignore,
 
     (S, SpeechStarted): _._arm_barge_in,
     (S, SpeechEnded): _._disarm_barge_in,
-    (S, Partial): _._buffer_result,
-    (S, Final): _._buffer_result,
+    (S, Partial): _._result_while_talking,
+    (S, Final): _._result_while_talking,
     (S, PlaybackDone): _._playback_done,
     (S, ReplyAudioReady): _._ignore,       # later sentences of the reply playing now
 }

@@ -55,7 +55,8 @@ class ReplyJob:
     def __init__(self, reply_id: int, *, tx: TxQueue, stream_sid: str,
                  emit: Callable[[fsm.Event], None], stamp: Callable[[str], None],
                  apology: Piece | None, tts: Synthesizer | None = None, voice: Voice | None = None,
-                 first_frame_stamp: str = "first_reply_frame_sent", last_frame_stamp: str | None = None):
+                 first_frame_stamp: str = "first_reply_frame_sent", last_frame_stamp: str | None = None,
+                 filler: Piece | None = None, filler_after_s: float = 0.0, mark_timeout_s: float = 3.0):
         self.id = reply_id
         self.scope = trio.CancelScope()
         self.begin = trio.Event()
@@ -73,6 +74,11 @@ class ReplyJob:
         self._voice_params = voice
         self._first_frame_stamp = first_frame_stamp
         self._last_frame_stamp = last_frame_stamp
+        self._filler = filler
+        self._filler_after_s = filler_after_s
+        self._filler_scope = trio.CancelScope()
+        self._mark_timeout_s = mark_timeout_s
+        self._done = trio.Event()
         self._marks: dict[str, str] = {}
         self._epoch = -1
         self._all_queued = False
@@ -89,6 +95,8 @@ class ReplyJob:
             async with trio.open_nursery() as nursery:
                 if think is not None:
                     nursery.start_soon(self._guarded_think, think, sentences_in)
+                    if self._filler is not None and self._filler_after_s > 0:
+                        nursery.start_soon(self._offer_filler, pieces_in.clone())
                     nursery.start_soon(self._voice, sentences_out, pieces_in)
                 else:
                     nursery.start_soon(self._feed_canned, canned, pieces_in)
@@ -122,6 +130,17 @@ class ReplyJob:
                     self._ready()
         self._ready()  # nothing to say still lets the call move on
 
+    async def _offer_filler(self, out: trio.MemorySendChannel) -> None:
+        """If the reply has no audio filler_after_s after the turn ended, say a filler
+        (from memory) so the caller is never left in silence; the reply follows it."""
+        with self._filler_scope:
+            async with out:
+                await self.gate.wait()
+                await trio.sleep(self._filler_after_s)
+                if not self._ready_sent:
+                    out.send_nowait(self._filler)  # nothing else is queued yet
+                    self._ready()
+
     async def _feed_canned(self, canned: Sequence[Piece], out: trio.MemorySendChannel) -> None:
         async with out:
             for piece in canned:
@@ -131,6 +150,7 @@ class ReplyJob:
     def _ready(self) -> None:
         if not self._ready_sent:
             self._ready_sent = True
+            self._filler_scope.cancel()
             self._emit(fsm.ReplyAudioReady(at=trio.current_time(), reply=self.id))
 
     # -- synthesis ---------------------------------------------------------
@@ -169,6 +189,14 @@ class ReplyJob:
             self._tx.put_hook(lambda: self._stamp(self._last_frame_stamp), epoch=self._epoch)
         self._all_queued = True
         self._check_done(trio.current_time())
+        # Twilio echoes a mark when playback reaches it; one that never comes back must
+        # not leave the call speaking forever.
+        with trio.move_on_after(self._tx.queued_frames * 0.02 + self._mark_timeout_s):
+            await self._done.wait()
+        if not self._done.is_set():
+            log.warning("reply %d: %d marks never came back; assuming playback ended",
+                        self.id, len(self._marks) - len(self.heard))
+            self._finish(trio.current_time())
 
     def owns_mark(self, name: str) -> bool:
         return name in self._marks
@@ -181,8 +209,13 @@ class ReplyJob:
         self._check_done(at)
 
     def _check_done(self, at: float) -> None:
-        if self._all_queued and len(self.heard) == len(self._marks) and not self._done_sent:
+        if self._all_queued and len(self.heard) == len(self._marks):
+            self._finish(at)
+
+    def _finish(self, at: float) -> None:
+        if not self._done_sent:
             self._done_sent = True
+            self._done.set()
             self._emit(fsm.PlaybackDone(at=at, reply=self.id))
 
 

@@ -33,7 +33,7 @@ from pytest import approx
 from agentd.fsm import (
     AdoptDraft, BeginPlayback, CallFSM, CallStarted, CancelReply, Final, Hangup, Partial, PlayGreeting,
     PlaybackDone, ReplyAudioReady, SpeechEnded, SpeechStarted, StartReply, State, SttLost,
-    SttReady, Tick, TranscribeFallback,
+    StopPlayback, SttReady, Tick, TranscribeFallback, TurnSettings,
 )
 from agentd.text import normalize_for_match
 from fsm_helpers import RNG_SEED, listening_fsm, new_fsm, tick_until_quiet
@@ -781,3 +781,66 @@ async def test_a_speculative_hit_runs_under_trio_mock_clock(autojump_clock):
     ]
     assert fsm.spec_counts == counts(drafts=1, hits=1)
     assert fsm.required_silence_s == approx(0.22)
+
+
+# -- echo guard and words-before-barge-in (issue 4) ---------------------------------------
+
+def _speaking(settings: TurnSettings):
+    """An FSM in SPEAKING since 14.4 (reply 1), built from real events."""
+    fsm = CallFSM(settings, rng=random.Random(RNG_SEED))
+    fsm.handle(CallStarted(at=0.0))
+    fsm.handle(PlaybackDone(at=1.0, reply=0))
+    fsm.handle(Tick(at=2.1))
+    fsm.handle(SpeechStarted(at=12.0))
+    fsm.handle(Final(at=12.4, text="what time do you open", audio_end_at=12.3))
+    fsm.handle(SpeechEnded(at=12.5))
+    fsm.handle(Tick(at=fsm.next_deadline()))
+    assert fsm.state is State.THINKING
+    fsm.handle(ReplyAudioReady(at=14.3, reply=1))
+    fsm.handle(Tick(at=fsm.next_deadline()))
+    assert fsm.state is State.SPEAKING
+    return fsm
+
+
+def test_speech_inside_the_echo_guard_counts_only_from_the_guard_end():
+    fsm = _speaking(TurnSettings(barge_in_guard_s=0.25))
+    started = fsm._audio_since  # noqa: SLF001 -- the instant playback began
+    fsm.handle(SpeechStarted(at=started + 0.05))
+    assert fsm.next_deadline() == pytest.approx(started + 0.25 + 0.3)
+    assert fsm.handle(Tick(at=started + 0.35)) == []
+    assert fsm.state is State.SPEAKING
+
+
+def test_a_short_echo_inside_the_guard_never_interrupts():
+    fsm = _speaking(TurnSettings(barge_in_guard_s=0.25))
+    started = fsm._audio_since  # noqa: SLF001
+    fsm.handle(SpeechStarted(at=started + 0.05))
+    fsm.handle(SpeechEnded(at=started + 0.4))
+    assert fsm.handle(Tick(at=started + 1.0)) == []
+    assert fsm.state is State.SPEAKING
+
+
+def test_sustained_speech_without_words_waits_for_words_to_interrupt():
+    fsm = _speaking(TurnSettings(barge_in_requires_words=True))
+    fsm.handle(SpeechStarted(at=15.0))
+    assert fsm.handle(Tick(at=15.3)) == []  # loud, but no words yet: maybe noise
+    assert fsm.state is State.SPEAKING
+    actions = fsm.handle(Partial(at=15.6, text="wait", audio_end_at=15.5))
+    assert actions == [StopPlayback(), CancelReply(reply=1)]
+    assert fsm.state is State.LISTENING
+
+
+def test_noise_that_never_carries_words_does_not_interrupt():
+    fsm = _speaking(TurnSettings(barge_in_requires_words=True))
+    fsm.handle(SpeechStarted(at=15.0))
+    fsm.handle(Tick(at=15.3))
+    fsm.handle(SpeechEnded(at=15.8))
+    assert fsm.handle(Partial(at=16.0, text="", audio_end_at=15.8)) == []
+    assert fsm.state is State.SPEAKING
+
+
+def test_words_already_heard_let_sustained_speech_interrupt_on_time():
+    fsm = _speaking(TurnSettings(barge_in_requires_words=True))
+    fsm.handle(SpeechStarted(at=15.0))
+    fsm.handle(Partial(at=15.2, text="excuse me", audio_end_at=15.2))
+    assert fsm.handle(Tick(at=15.3)) == [StopPlayback(), CancelReply(reply=1)]
