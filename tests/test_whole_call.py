@@ -8,73 +8,16 @@ softphone plays Twilio's side in real time. Assertions are about behaviour
 
 from __future__ import annotations
 
-import functools
-
 import pytest
 import trio
 import trio_websocket
+from agent_harness import call_record, start_agent, turns_of, wait_for_call_record
+from conftest import BYE_LINE, HOURS_LINE
 
-from agentd.caller_audio import synthesize_caller_turns
 from agentd.codecs import twilio
-from agentd.config import load_config
-from agentd.demo import demo_config
-from agentd.localcloud import LocalCloud, settings_from_config
-from agentd.server import serve
 from agentd.softphone import place_call
-from agentd.softphone_script import CallerTurn
 
 CALL_LIMIT_S = 60  # a guard against hangs, not a performance assertion
-HOURS_LINE = "what time do you open tomorrow"
-BYE_LINE = "thanks goodbye"
-
-
-@pytest.fixture(scope="module")
-def caller(tmp_path_factory) -> dict[str, CallerTurn]:
-    """Real speech for the caller's turns (the script engine decides the words)."""
-    texts = {"hours": "What time do you open tomorrow?", "bye": "Thank you, goodbye."}
-    paths = synthesize_caller_turns(list(texts.values()), "en-us", out_dir=tmp_path_factory.mktemp("caller"))
-    return {key: CallerTurn.from_wav(path) for key, path in zip(texts, paths)}
-
-
-@pytest.fixture
-def base_config():
-    # Short greetings keep the tests quick; everything else is the shipped config.
-    return load_config(None).with_overrides(**{
-        "businesses.acme.greeting": "Acme Plumbing, hello.",
-        "businesses.default.greeting": "שלום.",
-    })
-
-
-@pytest.fixture
-def cloud(base_config):
-    settings = settings_from_config(base_config, stt_engine="script", script_lines=(HOURS_LINE, BYE_LINE))
-    with LocalCloud(settings) as lc:
-        yield lc
-
-
-@pytest.fixture
-def config(base_config, cloud, tmp_path):
-    return demo_config(base_config, cloud, str(tmp_path / "telemetry"))
-
-
-async def start_agent(nursery: trio.Nursery, config, records: list[dict]):
-    server = await nursery.start(functools.partial(serve, config, observers=[records.append]))
-    return f"ws://127.0.0.1:{server.port}{config.server.path}"
-
-
-def turns_of(records: list[dict], call_sid: str) -> list[dict]:
-    return sorted((r for r in records if r["kind"] == "turn" and r["call_sid"] == call_sid),
-                  key=lambda r: r["turn"])
-
-
-def call_record(records: list[dict], call_sid: str) -> dict:
-    return next(r for r in records if r["kind"] == "call" and r["call_sid"] == call_sid)
-
-
-async def wait_for_call_record(records: list[dict], call_sid: str) -> dict:
-    while not any(r["kind"] == "call" and r["call_sid"] == call_sid for r in records):
-        await trio.sleep(0.05)
-    return call_record(records, call_sid)
 
 
 async def test_a_call_is_greeted_then_each_turn_answered(config, cloud, caller):

@@ -1,0 +1,43 @@
+"""Shared fixtures: real caller speech, localcloud, and a config pointed at it."""
+
+from __future__ import annotations
+
+import pytest
+
+from agentd.caller_audio import synthesize_caller_turns
+from agentd.config import load_config
+from agentd.demo import demo_config
+from agentd.localcloud import LocalCloud, settings_from_config
+from agentd.softphone_script import CallerTurn
+
+HOURS_LINE = "what time do you open tomorrow"
+BYE_LINE = "thanks goodbye"
+
+
+@pytest.fixture(scope="session")
+def caller(tmp_path_factory) -> dict[str, CallerTurn]:
+    """Real speech for the caller's turns (localcloud's script engine decides the words)."""
+    texts = {"hours": "What time do you open tomorrow?", "bye": "Thank you, goodbye."}
+    paths = synthesize_caller_turns(list(texts.values()), "en-us", out_dir=tmp_path_factory.mktemp("caller"))
+    return {key: CallerTurn.from_wav(path) for key, path in zip(texts, paths)}
+
+
+@pytest.fixture
+def base_config():
+    # Short greetings keep the tests quick; everything else is the shipped config.
+    return load_config(None).with_overrides(**{
+        "businesses.acme.greeting": "Acme Plumbing, hello.",
+        "businesses.default.greeting": "שלום.",
+    })
+
+
+@pytest.fixture
+def cloud(base_config):
+    settings = settings_from_config(base_config, stt_engine="script", script_lines=(HOURS_LINE, BYE_LINE))
+    with LocalCloud(settings) as lc:
+        yield lc
+
+
+@pytest.fixture
+def config(base_config, cloud, tmp_path):
+    return demo_config(base_config, cloud, str(tmp_path / "telemetry"))
