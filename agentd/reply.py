@@ -80,6 +80,7 @@ class ReplyJob:
         self._mark_timeout_s = mark_timeout_s
         self._done = trio.Event()
         self._marks: dict[str, str] = {}
+        self._echoed = 0
         self._epoch = -1
         self._all_queued = False
         self._ready_sent = False
@@ -124,10 +125,7 @@ class ReplyJob:
         async with out:
             await self.gate.wait()
             async for sentence in sentences:
-                piece = await self._synthesize(sentence)
-                if piece is not None:
-                    await out.send(piece)
-                    self._ready()
+                await self._speak(sentence, out)
         self._ready()  # nothing to say still lets the call move on
 
     async def _offer_filler(self, out: trio.MemorySendChannel) -> None:
@@ -155,21 +153,46 @@ class ReplyJob:
 
     # -- synthesis ---------------------------------------------------------
 
-    async def _synthesize(self, sentence: _Sentence) -> Piece | None:
+    async def _send(self, out: trio.MemorySendChannel, piece: Piece) -> None:
+        await out.send(piece)
+        self._ready()
+
+    async def _speak(self, sentence: _Sentence, out: trio.MemorySendChannel) -> None:
+        """Synthesize one sentence into pieces; a failure says the apology instead
+        (if nothing was said yet) or skips the sentence."""
         if sentence.cached is not None:
-            return Piece(sentence.text, sentence.cached)
+            await self._send(out, Piece(sentence.text, sentence.cached))
+            return
         assert self._tts is not None and self._voice_params is not None
         self._stamp("tts_start")
         try:
-            audio = await self._tts.synthesize(sentence.text, self._voice_params)
+            if hasattr(self._tts, "synthesize_into"):
+                await self._speak_streamed(sentence.text, out)
+            else:
+                audio = await self._tts.synthesize(sentence.text, self._voice_params)
+                self._stamp("tts_first_audio")
+                await self._send(out, Piece(sentence.text, tuple(mulaw.split_frames(audio))))
         except UpstreamUnavailable as exc:
             log.warning("reply %d: TTS failed: %s", self.id, exc)
             self.failed = str(exc)
             if not self._ready_sent and self._apology is not None:
-                return self._apology
-            return None
-        self._stamp("tts_first_audio")
-        return Piece(sentence.text, tuple(mulaw.split_frames(audio)))
+                await self._send(out, self._apology)
+
+    async def _speak_streamed(self, text: str, out: trio.MemorySendChannel) -> None:
+        """Play whole frames as chunks arrive; the sentence's last piece carries its text."""
+        pending = bytearray()
+
+        async def sink(chunk: bytes) -> None:
+            self._stamp("tts_first_audio")
+            pending.extend(chunk)
+            whole = len(pending) - len(pending) % mulaw.FRAME_BYTES
+            if whole:
+                frames = tuple(mulaw.split_frames(bytes(pending[:whole])))
+                del pending[:whole]
+                await self._send(out, Piece("", frames))
+
+        await self._tts.synthesize_into(text, self._voice_params, sink)
+        await self._send(out, Piece(text, tuple(mulaw.split_frames(bytes(pending)))))
 
     # -- playback ----------------------------------------------------------
 
@@ -183,7 +206,8 @@ class ReplyJob:
             await self._tx.put_frames(piece.frames, epoch=self._epoch)
             name = f"r{self.id}-{len(self._marks) + 1}"
             self._marks[name] = piece.text
-            self.spoken.append(piece.text)
+            if piece.text:
+                self.spoken.append(piece.text)
             self._tx.put_control(twilio.render_mark(self._sid, name), epoch=self._epoch)
         if self._last_frame_stamp is not None:
             self._tx.put_hook(lambda: self._stamp(self._last_frame_stamp), epoch=self._epoch)
@@ -195,7 +219,7 @@ class ReplyJob:
             await self._done.wait()
         if not self._done.is_set():
             log.warning("reply %d: %d marks never came back; assuming playback ended",
-                        self.id, len(self._marks) - len(self.heard))
+                        self.id, len(self._marks) - self._echoed)
             self._finish(trio.current_time())
 
     def owns_mark(self, name: str) -> bool:
@@ -205,11 +229,13 @@ class ReplyJob:
         """Twilio echoed one of our marks: heard, unless a clear intervened."""
         if self._tx.epoch != self._epoch:
             return  # echoed by our own `clear`: the caller never heard it
-        self.heard.append(self._marks[name])
+        self._echoed += 1
+        if self._marks[name]:
+            self.heard.append(self._marks[name])
         self._check_done(at)
 
     def _check_done(self, at: float) -> None:
-        if self._all_queued and len(self.heard) == len(self._marks):
+        if self._all_queued and self._echoed == len(self._marks):
             self._finish(at)
 
     def _finish(self, at: float) -> None:

@@ -9,7 +9,10 @@ process, shared by every call; nothing is written to disk.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from collections.abc import Awaitable, Callable
 from typing import Protocol
+
+import trio
 
 from google.cloud.texttospeech_v1.types import cloud_tts
 
@@ -18,6 +21,9 @@ from agentd.errors import UpstreamUnavailable
 from agentd.grpc_bridge import Channel, RpcFailure
 
 _METHOD = "/google.cloud.texttospeech.v1.TextToSpeech/SynthesizeSpeech"
+_STREAM_METHOD = "/google.cloud.texttospeech.v1.TextToSpeech/StreamingSynthesize"
+_StreamRequest = cloud_tts.StreamingSynthesizeRequest.pb()
+_StreamResponse = cloud_tts.StreamingSynthesizeResponse.pb()
 _Request = cloud_tts.SynthesizeSpeechRequest.pb()
 _Response = cloud_tts.SynthesizeSpeechResponse.pb()
 _AudioConfig = cloud_tts.AudioConfig.pb()
@@ -82,3 +88,67 @@ class GoogleTts:
         except RpcFailure as exc:
             raise UpstreamUnavailable(f"TTS failed: {exc}") from exc
         return audio_from_response(data)
+
+
+def streaming_config_request(voice: Voice) -> bytes:
+    """First request of a StreamingSynthesize stream: voice and MULAW 8 kHz output."""
+    return _StreamRequest(streaming_config={
+        "voice": {"language_code": voice.language, "name": voice.name},
+        "streaming_audio_config": {"audio_encoding": _MULAW, "sample_rate_hertz": 8000,
+                                   "speaking_rate": voice.speaking_rate},
+    }).SerializeToString()
+
+
+def streaming_input_request(text: str) -> bytes:
+    return _StreamRequest(input={"text": text}).SerializeToString()
+
+
+class GoogleStreamingTts:
+    """StreamingSynthesize (Chirp 3 HD voices): audio arrives in chunks while the
+    sentence is still being synthesized, so playback starts on the first chunk.
+
+    Whether Google's streamed MULAW carries a RIFF header is unconfirmed
+    (PROTOCOLS.md); a chunk stream that starts with one has it parsed off.
+    """
+
+    def __init__(self, channel: Channel, *, timeout_s: float):
+        self._channel = channel
+        self._timeout_s = timeout_s
+
+    async def synthesize(self, text: str, voice: Voice) -> bytes:
+        chunks: list[bytes] = []
+
+        async def collect(chunk: bytes) -> None:
+            chunks.append(chunk)
+
+        await self.synthesize_into(text, voice, collect)
+        return b"".join(chunks)
+
+    async def synthesize_into(self, text: str, voice: Voice,
+                              sink: Callable[[bytes], Awaitable[None]]) -> None:
+        """Feed ``sink`` raw mu-law chunks as they arrive; raises UpstreamUnavailable."""
+        got_audio = False
+        try:
+            with self._channel.open_stream(_STREAM_METHOD) as stream:
+                stream.send_nowait(streaming_config_request(voice))
+                stream.send_nowait(streaming_input_request(text))
+                stream.done_writing()
+                while True:
+                    try:
+                        with trio.fail_after(self._timeout_s):  # waiting on Google, not on playback
+                            data = await stream.receive()
+                    except trio.EndOfChannel:
+                        break
+                    chunk = _StreamResponse.FromString(data).audio_content
+                    if not got_audio and chunk[:4] == b"RIFF":
+                        chunk = audio_from_response(cloud_tts.SynthesizeSpeechResponse.pb()(
+                            audio_content=chunk).SerializeToString())
+                    if chunk:
+                        got_audio = True
+                        await sink(chunk)
+        except RpcFailure as exc:
+            raise UpstreamUnavailable(f"TTS stream failed: {exc}") from exc
+        except trio.TooSlowError as exc:
+            raise UpstreamUnavailable(f"TTS stream silent for {self._timeout_s} s") from exc
+        if not got_audio:
+            raise UpstreamUnavailable("TTS stream returned no audio")

@@ -133,3 +133,22 @@ async def test_when_streaming_stt_cannot_open_the_fallback_answers(config, cloud
     [turn] = turns_of(records, report.call_sid)
     assert turn["caller_text"], "the fallback transcribed the caller"
     assert report.turns[0].answered
+
+
+async def test_streaming_synthesis_plays_the_reply_as_chunks_arrive(config, cloud, caller):
+    config = config.with_overrides(**{"tts.streaming": True, "businesses.acme.voice": "en-US-Chirp3-HD-Charon"})
+    records: list[dict] = []
+    with trio.fail_after(CALL_LIMIT_S):
+        async with trio.open_nursery() as nursery:
+            url = await start_agent(nursery, config, records)
+            report = await place_call(url, [caller["hours"]], business="acme")
+            await wait_for_call_record(records, report.call_sid)
+            nursery.cancel_scope.cancel()
+
+    stats = cloud.stats()
+    assert stats["streaming_synth_calls"] >= 2 and stats["synth_calls"] == 0
+    assert report.greeting.audio_ms > 0 and report.violations == ()
+    [turn] = turns_of(records, report.call_sid)
+    assert turn["reply_text"] == next(r.reply for r in config.business("acme").rules if "open" in r.keywords)
+    # ~200 ms chunks each get a mark: more marks than sentences came back.
+    assert len(report.turns[0].marks_echoed) > 2
