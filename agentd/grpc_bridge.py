@@ -223,6 +223,12 @@ class GrpcBridge:
         channels, self._channels = self._channels, []
         for channel in channels:
             await channel.close(grace=None)
+        # Streams still open end with their channel, but their tasks need a few more loop
+        # turns to finish; a task left pending when the loop closes is destroyed mid-await.
+        others = [task for task in asyncio.all_tasks() if task is not asyncio.current_task()]
+        for task in others:
+            task.cancel()
+        await asyncio.gather(*others, return_exceptions=True)
 
     # -- crossing the boundary ---------------------------------------------
 

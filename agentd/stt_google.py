@@ -295,7 +295,8 @@ class StreamingRecognizer:
     def _handle_response(self, data: bytes) -> None:
         now = trio.current_time()
         for result in parse_streaming_response(data):
-            audio_end = (self._stream_t0 or now) + result.end_offset_s
+            t0 = self._stream_t0 if self._stream_t0 is not None else now
+            audio_end = t0 + result.end_offset_s
             if result.is_final:
                 self._held_partial = None
                 self._finalized_until(audio_end)

@@ -28,6 +28,7 @@ from collections.abc import Awaitable, Callable, Iterable
 import trio
 
 FRAME_S = 0.02
+_LATE_BINS = 101
 
 Item = bytes | str | Callable[[], None]
 
@@ -53,6 +54,8 @@ class TxQueue:
         self.epoch = 0
         self.frames_sent = 0
         self.drops = 0
+        # How late each paced frame left, in whole ms (last bin: >= _LATE_BINS - 1 ms).
+        self._lateness_ms = [0] * _LATE_BINS
 
     # -- producers ---------------------------------------------------------
 
@@ -127,7 +130,8 @@ class TxQueue:
             # We ran out of audio and Twilio's buffer has played dry: new burst, fresh lead.
             self._burst_t0, self._burst_k = now, 0
         self._underrun = False
-        due = self._burst_t0 + max(0, self._burst_k - self.lead_frames) * FRAME_S
+        # Frames 0..lead-1 of a burst are due at once; frame k >= lead is due (k - lead + 1) * 20 ms later.
+        due = self._burst_t0 + max(0, self._burst_k + 1 - self.lead_frames) * FRAME_S
         while trio.current_time() < due:
             with trio.move_on_at(due):
                 await self._pacer_wakeup.park()  # an urgent `clear` may arrive meanwhile
@@ -137,6 +141,8 @@ class TxQueue:
         if trio.current_time() - due > self._max_lag_s:
             self.drops += 1  # the link stalled: stale audio is worse than a gap
         else:
+            late_ms = int((trio.current_time() - due) * 1000)
+            self._lateness_ms[min(max(late_ms, 0), _LATE_BINS - 1)] += 1
             await self._send(self._render_media(frame))
             self.frames_sent += 1
         self._burst_k += 1
@@ -147,3 +153,18 @@ class TxQueue:
         self._frames_queued -= 1
         self._space.unpark_all()
         return frame
+
+    def lateness_summary(self) -> dict[str, int]:
+        """Pacing jitter: p50/p99/max of how late frames left, in ms (bounded histogram)."""
+        total = sum(self._lateness_ms)
+        if not total:
+            return {}
+        summary, seen = {}, 0
+        for ms, count in enumerate(self._lateness_ms):
+            seen += count
+            for name, q in (("p50", 0.5), ("p99", 0.99)):
+                if name not in summary and seen >= q * total:
+                    summary[name] = ms
+            if count:
+                summary["max"] = ms
+        return summary
