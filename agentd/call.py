@@ -178,6 +178,8 @@ class Call:
         record = {"call_sid": self.call_sid, "duration_ms": round((now - self.t0) * 1000, 1),
                   "turns": self._turns_taken, "states": self.states,
                   "tx_drops": getattr(getattr(self, "tx", None), "drops", 0),
+                  "frames_sent": getattr(getattr(self, "tx", None), "frames_sent", 0),
+                  "tx_lateness_ms": self.tx.lateness_summary() if hasattr(self, "tx") else {},
                   "speculation": dict(self.fsm.spec_counts) if hasattr(self, "fsm") else {},
                   "greeting": self._timelines[0].to_record(self.call_sid, 0, self.t0, {})}
         self._svc.sink.emit_call(record)
