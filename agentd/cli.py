@@ -38,6 +38,9 @@ def _serve(argv: list[str]) -> int:
     logging.getLogger("agentd").info("config:\n%s", config_summary(config))
     try:
         trio.run(serve, config)
+    except ConfigError as exc:  # e.g. a check enabled without its secret
+        print(f"agentd: invalid configuration: {exc}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         return 0
     return 0

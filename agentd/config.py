@@ -14,8 +14,9 @@ layers environment overrides on top, and validates the result into a frozen
   variable when the value came from one.
 * Secrets never live in the file: keys that look like secrets are refused.
   The LLM key is read by the adapter from the variable named by
-  ``llm.api_key_env`` (``Config.llm_api_key()``); Google uses
-  ``GOOGLE_APPLICATION_CREDENTIALS``.
+  ``llm.api_key_env`` (``Config.llm_api_key()``), the Twilio auth token and
+  the per-call token secret likewise (``Config.twilio_auth_token()``,
+  ``Config.call_token_secret()``); Google uses ``GOOGLE_APPLICATION_CREDENTIALS``.
 * ``Config.with_overrides`` turns a Config back into its TOML-shaped tree,
   changes a few dotted keys and re-runs the very same validation.
 """
@@ -204,6 +205,7 @@ class LlmConfig:
     first_token_timeout_ms: int = _opt(4000, _TIMEOUT_MS)
     history_turns: int = _opt(12, lo=0)
     first_clause_min_chars: int = _opt(24, lo=0)
+    filler_after_ms: int = _opt(1000, _MS)  # 0 = never
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -274,6 +276,20 @@ class Config:
         """
         name = self.llm.api_key_env
         return ((os.environ if env is None else env).get(name) or None) if name else None
+
+    def twilio_auth_token(self, env: Mapping[str, str] | None = None) -> str | None:
+        """The Twilio auth token from the variable named by server.auth_token_env (env None: os.environ).
+
+        None when the variable is unset or empty. Read on demand, never stored (as llm_api_key).
+        """
+        return (os.environ if env is None else env).get(self.server.auth_token_env) or None
+
+    def call_token_secret(self, env: Mapping[str, str] | None = None) -> str | None:
+        """The per-call token secret from the variable named by server.call_token_secret_env.
+
+        env None: os.environ. None when unset or empty. Read on demand, never stored.
+        """
+        return (os.environ if env is None else env).get(self.server.call_token_secret_env) or None
 
     def with_overrides(self, **overrides: Any) -> "Config":
         """A new, fully validated Config with dotted keys replaced.

@@ -6,11 +6,22 @@ pre-synthesizes each business's greeting and apology, so a call's first frame
 leaves from memory. Each connection is one ``Call``; its failure closes that
 socket with a logged reason and never reaches another call (the per-call
 boundary below is the only broad handler in agentd).
+
+Admission, in order (agentd.security has the theory of the two checks):
+the upgrade's path (else 404), its Twilio signature (else 403), free capacity,
+``server.max_calls`` (else 503); then, on ``start``, the per-call token (else
+the socket closes with 1008). Limits on an admitted socket: ``start`` within
+``START_TIMEOUT_S`` (else 1008), the whole call within
+``server.max_call_duration_s`` (then 1000), each message within
+``server.max_message_bytes`` (the codec closes with 1008; the transport refuses
+anything over twice that with 1009, without buffering it).
 """
 
 from __future__ import annotations
 
+import functools
 import logging
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -21,16 +32,22 @@ import trio_websocket
 from agentd import telemetry
 from agentd.audio_cache import AudioCache
 from agentd.call import Call, Services
+from agentd.codecs import twilio
 from agentd.config import Config
 from agentd.errors import CallProtocolError
 from agentd.grpc_bridge import GrpcBridge
 from agentd.llm_openai import ChatSettings, OpenAIChat
-from agentd.tts_google import GoogleTts
+from agentd.security import Gatekeeper, UpgradeRefused
+from agentd.tts_google import GoogleStreamingTts, GoogleTts
 
 log = logging.getLogger(__name__)
 
+_NORMAL_CLOSURE = 1000
 _POLICY_VIOLATION = 1008
 _INTERNAL_ERROR = 1011
+# Twilio sends `connected` and `start` as soon as the socket opens; a socket
+# that does not is only holding one of the max_calls slots.
+START_TIMEOUT_S = 10.0
 
 
 @dataclass
@@ -39,6 +56,7 @@ class Server:
 
     port: int
     services: Services
+    gate: Gatekeeper
     active_calls: int = 0
 
 
@@ -51,7 +69,12 @@ def chat_settings(config: Config) -> ChatSettings:
 
 async def serve(config: Config, *, observers: list[Callable[[dict], None]] | None = None,
                 task_status=trio.TASK_STATUS_IGNORED) -> None:
-    """Run the daemon until cancelled; ``task_status.started(Server)`` once listening."""
+    """Run the daemon until cancelled; ``task_status.started(Server)`` once listening.
+
+    Raises ConfigError before opening anything when a configured security check
+    lacks its secret (fail closed: see agentd.security).
+    """
+    gate = Gatekeeper.from_config(config)
     bridge = GrpcBridge()
     async with trio.open_nursery() as nursery:
         await nursery.start(bridge.serve)
@@ -59,7 +82,8 @@ async def serve(config: Config, *, observers: list[Callable[[dict], None]] | Non
                                                 default_host="speech.googleapis.com")
         tts_channel = await bridge.open_channel(config.tts.endpoint, tls=config.tts.tls,
                                                 default_host="texttospeech.googleapis.com")
-        tts = GoogleTts(tts_channel, timeout_s=config.tts.timeout_ms / 1000)
+        tts_class = GoogleStreamingTts if config.tts.streaming else GoogleTts
+        tts = tts_class(tts_channel, timeout_s=config.tts.timeout_ms / 1000)
         sink = telemetry.JsonlSink(config.server.telemetry_dir)
         await nursery.start(sink.run)
         limits = httpx.Limits(max_connections=config.server.max_calls, max_keepalive_connections=64)
@@ -68,10 +92,11 @@ async def serve(config: Config, *, observers: list[Callable[[dict], None]] | Non
             services = Services(config=config, chat=chat, tts=tts, stt_channel=stt_channel,
                                 cache=AudioCache(tts), sink=sink, observers=observers or [])
             await _warm_cache(services)
-            server = Server(port=0, services=services)
-            listener = await nursery.start(
+            server = Server(port=0, services=services, gate=gate)
+            listener = await nursery.start(functools.partial(
                 trio_websocket.serve_websocket, lambda request: _handle(server, request),
-                config.server.host, config.server.port, None)
+                config.server.host, config.server.port, None,
+                max_message_size=2 * config.server.max_message_bytes))
             server.port = listener.port
             log.info("agentd listening on ws://%s:%d%s", config.server.host, server.port, config.server.path)
             task_status.started(server)
@@ -94,34 +119,70 @@ async def _handle(server: Server, request: trio_websocket.WebSocketRequest) -> N
     if request.path.split("?")[0] != config.server.path:
         await request.reject(404, body=b"unknown path\n")
         return
+    try:
+        server.gate.verify_upgrade(request.headers)
+    except UpgradeRefused as exc:
+        log.warning("refusing a call from %s: %s", _peer(request), exc)
+        await request.reject(403, body=b"forbidden\n")
+        return
     if server.active_calls >= config.server.max_calls:
         log.warning("refusing a call: %d calls active (server.max_calls)", server.active_calls)
         await request.reject(503, body=b"busy\n")
         return
-    ws = await request.accept()
-    server.active_calls += 1
+    server.active_calls += 1  # before accept() yields, so two upgrades cannot both take the last slot
     try:
-        await _run_call(ws, server.services)
+        ws = await request.accept()
+        await _run_call(ws, server)
     finally:
         server.active_calls -= 1
 
 
-async def _run_call(ws: trio_websocket.WebSocketConnection, services: Services) -> None:
+def _peer(request: trio_websocket.WebSocketRequest) -> str:
+    """host:port of the peer (behind a reverse proxy: the proxy's)."""
+    remote = request.remote
+    return f"{remote.address}:{remote.port}" if isinstance(remote, trio_websocket.Endpoint) else str(remote)
+
+
+class _Admission:
+    """The Call's on_start hook: the per-call token check, and the deadline for ``start``."""
+
+    def __init__(self, gate: Gatekeeper) -> None:
+        self.call_sid = "?"
+        self.start_wait = trio.CancelScope(deadline=trio.current_time() + START_TIMEOUT_S)
+        self._gate = gate
+
+    def __call__(self, start: twilio.Start) -> None:
+        self.call_sid = start.call_sid
+        self._gate.check_start(start)  # raises CallTokenError, a CallProtocolError: close 1008
+        self.start_wait.deadline = math.inf
+
+
+async def _run_call(ws: trio_websocket.WebSocketConnection, server: Server) -> None:
     """The per-call boundary: whatever happens, only this socket is affected."""
-    call = Call(ws, services)
+    admission = _Admission(server.gate)
+    call = Call(ws, server.services, on_start=admission)
+    max_s = server.services.config.server.max_call_duration_s
     try:
-        await call.run()
+        with trio.move_on_after(max_s) as duration_cap, admission.start_wait:
+            await call.run()
     except* trio_websocket.ConnectionClosed:
-        log.info("call=%s socket closed", call.call_sid)
+        log.info("call=%s socket closed", admission.call_sid)
     except* CallProtocolError as group:
         reason = "; ".join(str(e) for e in group.exceptions)
-        log.warning("call=%s closed: protocol error: %s", call.call_sid, reason)
+        log.warning("call=%s closed: protocol error: %s", admission.call_sid, reason)
         await _close(ws, _POLICY_VIOLATION, reason)
     except* Exception as group:
-        log.error("call=%s closed: internal error", call.call_sid, exc_info=group)
+        log.error("call=%s closed: internal error", admission.call_sid, exc_info=group)
         await _close(ws, _INTERNAL_ERROR, "internal error")
     else:
-        await _close(ws, 1000, "bye")
+        if admission.start_wait.cancelled_caught:
+            log.warning("call=? closed: no start message within %gs", START_TIMEOUT_S)
+            await _close(ws, _POLICY_VIOLATION, "no start message")
+        elif duration_cap.cancelled_caught:
+            log.warning("call=%s ended: server.max_call_duration_s (%gs) reached", admission.call_sid, max_s)
+            await _close(ws, _NORMAL_CLOSURE, "call duration limit")
+        else:
+            await _close(ws, _NORMAL_CLOSURE, "bye")
 
 
 async def _close(ws: trio_websocket.WebSocketConnection, code: int, reason: str) -> None:

@@ -16,10 +16,7 @@ is handled once, with `except*`, at the call boundary.
 """
 
 import argparse
-import base64
 import contextlib
-import hashlib
-import hmac
 import json
 import logging
 import secrets
@@ -36,6 +33,7 @@ from trio_websocket import ConnectionClosed, DisconnectionTimeout, HandshakeErro
 from agentd.caller_audio import CallerAudioError, synthesize_caller_turns
 from agentd.codecs import twilio
 from agentd.errors import UpstreamUnavailable
+from agentd.security import twilio_signature
 from agentd.softphone_playback import SLOT_MS, PlaybackBuffer, Recording
 from agentd.softphone_script import CallerTurn, CallScript, GreetingReport, SlotFacts, TurnReport
 
@@ -97,12 +95,6 @@ def _plain(value):
     if isinstance(value, dict):
         return {str(key): _plain(item) for key, item in value.items()}
     return value
-
-
-def twilio_signature(auth_token: str, url: str) -> str:
-    """The `x-twilio-signature` Twilio puts on the upgrade: base64(HMAC-SHA1(token, url))."""
-    digest = hmac.new(auth_token.encode(), url.encode(), hashlib.sha1).digest()
-    return base64.b64encode(digest).decode("ascii")
 
 
 async def place_call(
