@@ -127,3 +127,34 @@ def tick_until_quiet(fsm: CallFSM, until: float) -> list:
     while fsm.next_deadline() <= until:
         actions += fsm.handle(Tick(at=fsm.next_deadline()))
     return actions
+
+
+async def drive_under_trio_clock(fsm, script) -> list[tuple]:
+    """A tiny driver like call.py's: the next event or the next deadline, whichever
+    comes first, on the Trio clock (use with autojump_clock). Returns a log of
+    (time, event name, actions, state) until the FSM reaches ENDED."""
+    import trio
+
+    log = []
+    send, receive = trio.open_memory_channel(0)
+
+    async def caller():
+        async with send:
+            for event in script:
+                await trio.sleep_until(event.at)
+                await send.send(event)
+
+    async def driver():
+        while fsm.state is not State.ENDED:
+            with trio.move_on_at(fsm.next_deadline()):
+                event = await receive.receive()
+                log.append((trio.current_time(), type(event).__name__, fsm.handle(event), fsm.state))
+                continue
+            now = trio.current_time()
+            log.append((now, "Tick", fsm.handle(Tick(at=now)), fsm.state))
+
+    with trio.fail_after(60):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(caller)
+            nursery.start_soon(driver)
+    return log

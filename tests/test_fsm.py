@@ -16,7 +16,6 @@ from __future__ import annotations
 import random
 
 import pytest
-import trio
 from hypothesis import HealthCheck, given, settings, strategies as st
 from pytest import approx
 
@@ -26,7 +25,7 @@ from agentd.fsm import (
     StopPlayback, Tick, TranscribeFallback,
 )
 from fsm_helpers import (
-    BUILDERS, EVENT_TYPES, RNG_SEED, ended_fsm, finalizing_fsm, greeting_fsm, listening_fsm, new_fsm,
+    BUILDERS, EVENT_TYPES, RNG_SEED, drive_under_trio_clock, ended_fsm, finalizing_fsm, greeting_fsm, listening_fsm, new_fsm,
     refractory_fsm, sample_event, speaking_fsm, thinking_fsm, tick_until_quiet,
 )
 
@@ -978,28 +977,7 @@ async def test_a_whole_turn_runs_under_trio_mock_clock(autojump_clock):
         Final(at=6.2, text="do you deliver", audio_end_at=6.0),
         ReplyAudioReady(at=7.0, reply=1), PlaybackDone(at=9.0, reply=1), Hangup(at=12.0),
     ]
-    log = []
-    send, receive = trio.open_memory_channel(0)
-
-    async def caller():
-        async with send:
-            for event in script:
-                await trio.sleep_until(event.at)
-                await send.send(event)
-
-    async def driver():
-        while fsm.state is not E:
-            with trio.move_on_at(fsm.next_deadline()):
-                event = await receive.receive()
-                log.append((trio.current_time(), type(event).__name__, fsm.handle(event), fsm.state))
-                continue
-            now = trio.current_time()
-            log.append((now, "Tick", fsm.handle(Tick(at=now)), fsm.state))
-
-    with trio.fail_after(60):
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(caller)
-            nursery.start_soon(driver)
+    log = await drive_under_trio_clock(fsm, script)
 
     breath = random.Random(RNG_SEED).uniform(0.05, 0.12)
     assert log == [

@@ -26,7 +26,6 @@ from __future__ import annotations
 import random
 
 import pytest
-import trio
 from hypothesis import HealthCheck, given, settings, strategies as st
 from pytest import approx
 
@@ -36,7 +35,7 @@ from agentd.fsm import (
     StopPlayback, SttReady, Tick, TranscribeFallback, TurnSettings,
 )
 from agentd.text import normalize_for_match
-from fsm_helpers import RNG_SEED, listening_fsm, new_fsm, tick_until_quiet
+from fsm_helpers import drive_under_trio_clock, RNG_SEED, listening_fsm, new_fsm, tick_until_quiet
 
 INF = float("inf")
 G, R, L, F, T, S, E = (State.GREETING, State.REFRACTORY, State.LISTENING, State.FINALIZING,
@@ -739,28 +738,7 @@ async def test_a_speculative_hit_runs_under_trio_mock_clock(autojump_clock):
         SpeechEnded(at=6.0), Final(at=6.1, text=FINAL_WORDS, audio_end_at=6.0),
         PlaybackDone(at=8.0, reply=1), Hangup(at=10.0),
     ]
-    log = []
-    send, receive = trio.open_memory_channel(0)
-
-    async def caller():
-        async with send:
-            for event in script:
-                await trio.sleep_until(event.at)
-                await send.send(event)
-
-    async def driver():
-        while fsm.state is not E:
-            with trio.move_on_at(fsm.next_deadline()):
-                event = await receive.receive()
-                log.append((trio.current_time(), type(event).__name__, fsm.handle(event), fsm.state))
-                continue
-            now = trio.current_time()
-            log.append((now, "Tick", fsm.handle(Tick(at=now)), fsm.state))
-
-    with trio.fail_after(60):
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(caller)
-            nursery.start_soon(driver)
+    log = await drive_under_trio_clock(fsm, script)
 
     assert log == [
         (0.0, "CallStarted", [PlayGreeting()], G),

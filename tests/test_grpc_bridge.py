@@ -12,13 +12,14 @@ import asyncio
 import gc
 import threading
 
-import numpy as np
 import pytest
 import trio
 from google.cloud.speech_v1 import types as speech
 from google.cloud.texttospeech_v1 import types as tts
 
-from agentd.codecs import mulaw, riff
+from audio_helpers import silence, tone
+
+from agentd.codecs import riff
 from agentd.grpc_bridge import GrpcBridge, RpcFailure
 from agentd.localcloud import LocalCloud, LocalCloudSettings
 
@@ -41,16 +42,6 @@ async def channel(cloud, nursery):
     return await bridge.open_channel(cloud.grpc_target, tls=False)
 
 
-def tone(ms: int, dbfs: float = -20.0) -> bytes:
-    """A 200 Hz harmonic tone at `dbfs` RMS, as mu-law 8 kHz (voiced for localcloud's energy VAD)."""
-    t = np.arange(8 * ms) / 8000
-    wave = sum(np.sin(2 * np.pi * 200 * k * t) / k for k in (1, 2, 3))
-    wave = wave / np.sqrt(np.mean(wave**2)) * 32768 * 10 ** (dbfs / 20)
-    return mulaw.ulaw_encode(wave.astype(np.int16))
-
-
-def silence(ms: int) -> bytes:
-    return mulaw.silence(ms // 20)
 
 
 def synthesize_request(text: str) -> bytes:

@@ -16,6 +16,8 @@ import numpy as np
 import pytest
 from google.cloud.speech_v1 import types as speech
 
+from audio_helpers import silence, tone
+
 from agentd.codecs import mulaw, pcm
 from agentd.localcloud import LocalCloud, LocalCloudSettings
 
@@ -23,18 +25,6 @@ SCRIPT = ("hello there friend", "second line")
 CALL_TIMEOUT_S = 20
 MULAW = speech.RecognitionConfig.AudioEncoding.MULAW
 EVENT = speech.StreamingRecognizeResponse.SpeechEventType
-
-
-def tone(ms: int, dbfs: float = -20.0) -> bytes:
-    """A 200 Hz harmonic tone at `dbfs` RMS, as mu-law 8 kHz (voiced for the energy VAD)."""
-    t = np.arange(8 * ms) / 8000
-    wave = sum(np.sin(2 * np.pi * 200 * k * t) / k for k in (1, 2, 3))
-    wave = wave / np.sqrt(np.mean(wave**2)) * 32768 * 10 ** (dbfs / 20)
-    return mulaw.ulaw_encode(wave.astype(np.int16))
-
-
-def silence(ms: int) -> bytes:
-    return mulaw.silence(ms // 20)
 
 
 TWO_BURSTS = tone(800) + silence(600) + tone(500) + silence(600)

@@ -15,13 +15,13 @@ import socket
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
-import numpy as np
 import pytest
 import trio
 from google.cloud.speech_v1.types import cloud_speech
 
+from audio_helpers import silence, tone
+
 from agentd import fsm
-from agentd.codecs import mulaw
 from agentd.errors import UpstreamUnavailable
 from agentd.grpc_bridge import GrpcBridge
 from agentd.localcloud import LocalCloud, LocalCloudSettings
@@ -46,16 +46,6 @@ Request = cloud_speech.StreamingRecognizeRequest
 Response = cloud_speech.StreamingRecognizeResponse
 
 
-def tone(ms: int, dbfs: float = -20.0) -> bytes:
-    """A 200 Hz harmonic tone at `dbfs` RMS, as mu-law 8 kHz (voiced for localcloud's energy VAD)."""
-    t = np.arange(8 * ms) / 8000
-    wave = sum(np.sin(2 * np.pi * 200 * k * t) / k for k in (1, 2, 3))
-    wave = wave / np.sqrt(np.mean(wave**2)) * 32768 * 10 ** (dbfs / 20)
-    return mulaw.ulaw_encode(wave.astype(np.int16))
-
-
-def silence(ms: int) -> bytes:
-    return mulaw.silence(ms // 20)
 
 
 def frames_of(audio: bytes) -> list[bytes]:
