@@ -84,6 +84,7 @@ class ReplyJob:
         self._epoch = -1
         self._all_queued = False
         self._ready_sent = False
+        self._answered = False  # audio of the reply itself (not the filler) is on its way
         self._done_sent = False
 
     # -- the three tasks ---------------------------------------------------
@@ -154,6 +155,7 @@ class ReplyJob:
     # -- synthesis ---------------------------------------------------------
 
     async def _send(self, out: trio.MemorySendChannel, piece: Piece) -> None:
+        self._answered = True
         await out.send(piece)
         self._ready()
 
@@ -175,7 +177,7 @@ class ReplyJob:
         except UpstreamUnavailable as exc:
             log.warning("reply %d: TTS failed: %s", self.id, exc)
             self.failed = str(exc)
-            if not self._ready_sent and self._apology is not None:
+            if not self._answered and self._apology is not None:  # a filler is no answer: apologize
                 await self._send(out, self._apology)
 
     async def _speak_streamed(self, text: str, out: trio.MemorySendChannel) -> None:

@@ -10,7 +10,10 @@ the call clock through the receive time of the stream's first audio byte.
 Opening is retried ``open_attempts`` times; then ``SttLost`` tells the FSM to
 use the non-blocking fallback (unary ``Recognize`` of the buffered utterance,
 through the gRPC bridge, so off the Trio thread) and streaming is tried again
-after a back-off.
+after a back-off. A stream that dies young without delivering a final counts
+as a failed attempt too, so a fault that kills every stream (even on the
+replay) backs off instead of reconnecting in a tight loop. Every new stream is
+first fed the caller audio no final covers yet, less old line silence.
 """
 
 from __future__ import annotations
@@ -39,7 +42,10 @@ _RecognizeResponse = cloud_speech.RecognizeResponse.pb()
 _BYTES_PER_S = 8000  # mu-law 8 kHz
 _HISTORY_S = 30.0  # caller audio kept for the fallback and for replay
 _MAX_REPLAY_S = 15.0  # unfinalized audio kept to replay into a new stream
+_REPLAY_GAP_S = 1.0  # caller silence (VAD) that separates a replay from older audio
+_REPLAY_PREROLL_S = 0.5  # of that silence, kept in front of the speech that follows
 _FRAME_S = 0.02
+_RECOGNIZE_RETRY_S = 0.1  # first pause before retrying an UNAVAILABLE fallback (doubling, to 1 s)
 _ROTATE_GRACE_S = 45.0  # how long a rotation may wait for the caller to be quiet
 _ROTATE_HARD_S = 295.0  # Google ends a stream at ~305 s of audio
 _ROTATE_POLL_S = 0.5
@@ -126,10 +132,15 @@ def parse_recognize_response(data: bytes) -> str:
 # ------------------------------------------------------------ recognizer ---
 
 class StreamingRecognizer:
-    """One call's recognizer: push audio synchronously, run() reports events."""
+    """One call's recognizer: push audio synchronously, run() reports events.
+
+    ``is_quiet`` (the call's VAD: is the caller silent now?) picks quiet moments
+    to rotate streams and marks the line silence a replay may skip; without it
+    a stream rotates whenever due and every unfinalized chunk is replayed.
+    """
 
     def __init__(self, channel: Channel, settings: SttSettings, emit: Callable[[fsm.Event], None],
-                 *, is_quiet: Callable[[], bool] = lambda: True):
+                 *, is_quiet: Callable[[], bool] | None = None):
         self._channel = channel
         self._settings = settings
         self._emit = emit
@@ -137,7 +148,8 @@ class StreamingRecognizer:
         self._pending = bytearray()
         self._pending_at: float | None = None
         self._history: collections.deque[tuple[float, bytes]] = collections.deque()
-        self._unfinalized: collections.deque[tuple[float, bytes]] = collections.deque()
+        # (received at, audio, the caller was quiet): sent, but no final covers it yet
+        self._unfinalized: collections.deque[tuple[float, bytes, bool]] = collections.deque()
         self._is_quiet = is_quiet
         self._stream = None
         self._stream_t0: float | None = None
@@ -167,7 +179,7 @@ class StreamingRecognizer:
         chunk = bytes(self._pending)
         self._pending.clear()
         self._pending_at = None
-        self._unfinalized.append((at, chunk))
+        self._unfinalized.append((at, chunk, self._is_quiet is not None and self._is_quiet()))
         while self._unfinalized and self._unfinalized[0][0] < at - _MAX_REPLAY_S:
             self._unfinalized.popleft()
         if self._stream is not None:
@@ -178,9 +190,34 @@ class StreamingRecognizer:
     def _finalized_until(self, audio_end_at: float) -> None:
         """A final covers the audio up to ``audio_end_at``: no need to replay it."""
         while self._unfinalized:
-            at, chunk = self._unfinalized[0]
+            at, chunk, _quiet = self._unfinalized[0]
             if at + len(chunk) / _BYTES_PER_S > audio_end_at + _FRAME_S:
                 break
+            self._unfinalized.popleft()
+
+    def _trim_replay(self) -> None:
+        """Drop unfinalized audio from before the caller's last long silence, but its pre-roll.
+
+        No final covers line silence, so it piles up while the agent talks;
+        replayed whole it would eat the new stream's duration limit (a stream
+        rotated after rotate_after_s could start seconds from the limit). Speech
+        before a silence of _REPLAY_GAP_S has had its chance at a final (the
+        recognizer closes a segment at a much shorter pause), so it goes too.
+        """
+        chunks = list(self._unfinalized)
+        cut, run_start, run_s = 0, None, 0.0
+        for index, (_at, chunk, quiet) in enumerate([*chunks, (0.0, b"", False)]):  # a sentinel ends the last run
+            if quiet:
+                run_start = index if run_start is None else run_start
+                run_s += len(chunk) / _BYTES_PER_S
+                continue
+            if run_start is not None and run_s >= _REPLAY_GAP_S:
+                cut, kept_s = index, 0.0
+                while cut > run_start and kept_s < _REPLAY_PREROLL_S:
+                    cut -= 1
+                    kept_s += len(chunks[cut][1]) / _BYTES_PER_S
+            run_start, run_s = None, 0.0
+        for _ in range(cut):
             self._unfinalized.popleft()
 
     def audio_between(self, start_at: float, end_at: float) -> bytes:
@@ -190,14 +227,25 @@ class StreamingRecognizer:
     # -- fallback ------------------------------------------------------------
 
     async def recognize(self, audio: bytes) -> str:
-        """Unary Recognize of a whole utterance (the fallback); raises UpstreamUnavailable."""
+        """Unary Recognize of a whole utterance (the fallback); raises UpstreamUnavailable.
+
+        The fallback runs exactly when the service is in trouble, often while it
+        comes back (a restart, a network blip): an UNAVAILABLE answer is retried
+        until fallback_timeout_s has passed, rather than losing the turn at once.
+        """
         request = recognize_request(self._settings, audio)
-        try:
-            data = await self._channel.unary(_SERVICE + "Recognize", request,
-                                             timeout_s=self._settings.fallback_timeout_s)
-        except RpcFailure as exc:
-            raise UpstreamUnavailable(f"STT Recognize failed: {exc}") from exc
-        return parse_recognize_response(data)
+        deadline = trio.current_time() + self._settings.fallback_timeout_s
+        pause_s = _RECOGNIZE_RETRY_S
+        while True:
+            try:
+                data = await self._channel.unary(_SERVICE + "Recognize", request,
+                                                 timeout_s=max(deadline - trio.current_time(), _RECOGNIZE_RETRY_S))
+                return parse_recognize_response(data)
+            except RpcFailure as exc:
+                if exc.code != "UNAVAILABLE" or trio.current_time() + pause_s >= deadline:
+                    raise UpstreamUnavailable(f"STT Recognize failed: {exc}") from exc
+            await trio.sleep(pause_s)
+            pause_s = min(2 * pause_s, 1.0)
 
     # -- streaming -----------------------------------------------------------
 
@@ -225,6 +273,8 @@ class StreamingRecognizer:
                 if outcome == "heard" or trio.current_time() - opened_at > self._settings.open_timeout_s:
                     failures = 0
                     continue  # a stream that worked and then died: reopen (and replay) at once
+                # Died young without a final (e.g. on the replay itself): an attempt that failed,
+                # so a fault that kills every stream backs off instead of reopening in a tight loop.
                 failures += 1
                 if failures < self._settings.open_attempts:
                     await trio.sleep(0.2 * 2 ** (failures - 1))
@@ -244,8 +294,9 @@ class StreamingRecognizer:
         stream = self._channel.open_stream(_SERVICE + "StreamingRecognize")
         stream.send_nowait(config_request(self._settings))
         self._stream = stream
+        self._trim_replay()
         self._stream_t0 = self._unfinalized[0][0] if self._unfinalized else None
-        for _at, chunk in self._unfinalized:
+        for _at, chunk, _quiet in self._unfinalized:
             stream.send_nowait(audio_request(chunk))
         self.streams_opened += 1
         now = trio.current_time()
@@ -255,14 +306,14 @@ class StreamingRecognizer:
 
     async def _pump(self, stream, opened_at: float) -> str:
         """Deliver one stream's results until it should rotate ("rotate") or
-        ends ("heard" if it ever answered, else "silent")."""
+        ends ("heard" if it delivered a final, else "silent"). Partials do not
+        count: a replay yields partials at once even from a stream doomed to die."""
         heard = False
         try:
             while not self._rotation_due(opened_at):
                 data = await self._receive(stream, opened_at)
-                if data is not None:
+                if data is not None and self._handle_response(data):
                     heard = True
-                    self._handle_response(data)
             return "rotate"
         except RpcFailure as exc:
             log.info("STT stream ended: %s", exc)
@@ -276,7 +327,8 @@ class StreamingRecognizer:
         """Past rotate_after_s and the caller is quiet, or past the hard limit."""
         age = trio.current_time() - opened_at
         soft = self._settings.rotate_after_s
-        return age >= min(soft + _ROTATE_GRACE_S, _ROTATE_HARD_S) or (age >= soft and self._is_quiet())
+        quiet = self._is_quiet is None or self._is_quiet()
+        return age >= min(soft + _ROTATE_GRACE_S, _ROTATE_HARD_S) or (age >= soft and quiet)
 
     async def _receive(self, stream, opened_at: float) -> bytes | None:
         """Next response, or None when a held partial or a rotation check came due first."""
@@ -292,17 +344,21 @@ class StreamingRecognizer:
             self._release_partial(held)
         return None
 
-    def _handle_response(self, data: bytes) -> None:
+    def _handle_response(self, data: bytes) -> bool:
+        """Emit the response's results; True if one of them was a final."""
         now = trio.current_time()
+        finals = False
         for result in parse_streaming_response(data):
             t0 = self._stream_t0 if self._stream_t0 is not None else now
             audio_end = t0 + result.end_offset_s
             if result.is_final:
+                finals = True
                 self._held_partial = None
                 self._finalized_until(audio_end)
                 self._emit(fsm.Final(at=now, text=result.text, audio_end_at=audio_end))
             else:
                 self._offer_partial(fsm.Partial(at=now, text=result.text, audio_end_at=audio_end))
+        return finals
 
     def _offer_partial(self, partial: fsm.Partial) -> None:
         """Throttle partials: at most one per debounce interval, the latest wins."""

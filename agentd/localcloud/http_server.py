@@ -165,9 +165,13 @@ class OpenAiHttpServer:
         finish = "length" if limit is not None and len(words) > limit else "stop"
         words = words[:limit] if limit is not None else words
         answer = _Answer(Completion.start(str(body["model"])), words, finish, body, settings)
-        if body.get("stream"):
-            return await answer.stream(http)
-        return await answer.whole(http)
+        self._state.count("active_chats")
+        try:
+            if body.get("stream"):
+                return await answer.stream(http)
+            return await answer.whole(http)
+        finally:
+            self._state.count("active_chats", -1)
 
 
 class _Answer:

@@ -21,7 +21,7 @@ import grpc
 from agentd.localcloud.http_server import OpenAiHttpServer
 from agentd.localcloud.settings import CloudState, Faults, LocalCloudSettings
 from agentd.localcloud.speech_service import SpeechService
-from agentd.localcloud.stt_engines import DecoderPool
+from agentd.localcloud.stt_engines import DecoderPool, ScriptCursor
 from agentd.localcloud.tts_service import TextToSpeechService
 
 START_TIMEOUT_S = 30.0
@@ -39,6 +39,7 @@ class LocalCloud:
     def __init__(self, settings: LocalCloudSettings | None = None) -> None:
         self._state = CloudState(settings or LocalCloudSettings())
         self._pool = DecoderPool()
+        self._script_cursor = ScriptCursor()  # survives stop()/start(), like the recognizer it stands for
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stop_requested: asyncio.Event | None = None
@@ -129,7 +130,7 @@ class LocalCloud:
         server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
         server.add_generic_rpc_handlers(
             (
-                SpeechService(self._state, self._pool, executor).generic_handler(),
+                SpeechService(self._state, self._pool, executor, script_cursor=self._script_cursor).generic_handler(),
                 TextToSpeechService(self._state).generic_handler(),
             )
         )

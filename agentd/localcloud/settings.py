@@ -4,8 +4,8 @@
 current pair behind a lock and swaps in a new value on every change, so the
 service code (on localcloud's asyncio thread) reads one consistent snapshot
 with a plain attribute read while tests (on the Trio main thread) change it.
-The only mutable counters (`stats`, the `stt_fail_opens` countdown) are
-updated under the same lock.
+The only mutable counters (`stats`, the `stt_fail_opens` and
+`stt_abort_streams` countdowns) are updated under the same lock.
 """
 
 from __future__ import annotations
@@ -42,6 +42,7 @@ class Faults:
 
     stt_fail_opens: int = 0  # reject the next N StreamingRecognize calls with UNAVAILABLE
     stt_abort_after_s: float = 0.0  # >0: abort every stream after that much audio, UNAVAILABLE
+    stt_abort_streams: int = -1  # with stt_abort_after_s: abort only N more streams (-1: every stream)
     llm_http_status: int = 0  # e.g. 429/500: answer chat requests with that status
     llm_inband_error: bool = False  # HTTP 200, then `data: {"error": ...}` after the first token
     llm_cut_after_tokens: int = -1  # >=0: drop the connection after N tokens, no [DONE]
@@ -50,6 +51,7 @@ class Faults:
     tts_empty_audio: bool = False  # SynthesizeSpeech returns empty audio_content
     tts_bad_riff: bool = False  # SynthesizeSpeech returns a malformed RIFF container
     tts_delay_ms: int = 0  # extra delay before every TTS answer
+    tts_fail_text: str = ""  # TTS calls whose input text contains this fail with INTERNAL (a later sentence)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -71,6 +73,7 @@ class LocalCloudSettings:
     stt_vad_threshold_dbfs: float = -45.0
     stt_stream_limit_s: float = 305.0
     stt_audio_timeout_s: float = 10.0
+    stt_script_shared: bool = False  # script engine: one line cursor for all streams (stt_engines.ScriptCursor)
     llm_model: str = "localcloud-rules"
     llm_ttft_ms: int = 0
     llm_tokens_per_s: float = 0.0  # 0 = all tokens at once
@@ -110,6 +113,7 @@ _COUNTERS = (
     "streaming_synth_calls",
     "list_voices_calls",
     "chat_calls",
+    "active_chats",  # chat requests being answered now (a stalled one ends when the client hangs up)
 )
 
 
@@ -151,6 +155,19 @@ class CloudState:
             if remaining <= 0:
                 return False
             faults = dataclasses.replace(self._settings.faults, stt_fail_opens=remaining - 1)
+            self._settings = dataclasses.replace(self._settings, faults=faults)
+            return True
+
+    def take_stt_abort(self) -> bool:
+        """A stream reached `stt_abort_after_s`: must it abort? Consumes one of
+        `stt_abort_streams` when that countdown is on (>= 0)."""
+        with self._lock:
+            remaining = self._settings.faults.stt_abort_streams
+            if remaining < 0:
+                return True
+            if remaining == 0:
+                return False
+            faults = dataclasses.replace(self._settings.faults, stt_abort_streams=remaining - 1)
             self._settings = dataclasses.replace(self._settings, faults=faults)
             return True
 

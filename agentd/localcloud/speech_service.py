@@ -33,6 +33,7 @@ from agentd.localcloud.stt_engines import (
     DecoderPool,
     Hypothesis,
     RecognitionEvent,
+    ScriptCursor,
     SpeechActivity,
     StreamRecognizer,
     open_recognizer,
@@ -76,10 +77,12 @@ _END = object()  # the reader is done: flush and finish the RPC
 class SpeechService:
     """The Speech servicer; `generic_handler()` registers it on a grpc.aio server."""
 
-    def __init__(self, state: CloudState, pool: DecoderPool, executor: Executor) -> None:
+    def __init__(self, state: CloudState, pool: DecoderPool, executor: Executor,
+                 *, script_cursor: ScriptCursor | None = None) -> None:
         self._state = state
         self._pool = pool
         self._executor = executor
+        self._script_cursor = script_cursor or ScriptCursor()
 
     def generic_handler(self) -> grpc.GenericRpcHandler:
         streaming = grpc.stream_stream_rpc_method_handler(
@@ -106,7 +109,7 @@ class SpeechService:
             config = await self._read_config(requests, context)
             if config is None:
                 return
-            recognizer = open_recognizer(self._state.settings, self._pool)
+            recognizer = open_recognizer(self._state.settings, self._pool, self._script_cursor)
             session = _StreamSession(config, recognizer, self._state, self._runner(recognizer))
             outcome = await session.run(requests, context.write)
             if outcome is not None:
@@ -127,14 +130,17 @@ class SpeechService:
         audio = request.audio.content
         if len(audio) / SAMPLE_RATE_HZ > SYNC_LIMIT_S:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, SYNC_TOO_LONG)
-        recognizer = open_recognizer(self._state.settings, self._pool)
+        recognizer = open_recognizer(self._state.settings, self._pool, self._script_cursor)
         run = self._runner(recognizer)
         try:
             events = await run(_recognize_all, recognizer, audio)
+            finals = _finals(events)
+            for _ in finals:
+                recognizer.final_sent()  # returned below, in the same loop turn
         finally:
             await run(recognizer.close)
         language = request.config.language_code.lower()
-        return speech.RecognizeResponse(results=[_sync_result(h, language) for h in _finals(events)])
+        return speech.RecognizeResponse(results=[_sync_result(h, language) for h in finals])
 
     async def _read_config(self, requests: AsyncIterator[Any], context: Any) -> Any:
         """The first request's `streaming_config`, or abort; None if the client sent nothing."""
@@ -214,7 +220,7 @@ class _StreamSession:
             details = STREAM_LIMIT.format(limit=settings.stt_stream_limit_s)
             return _Abort(code=grpc.StatusCode.OUT_OF_RANGE, details=details)
         abort_after_s = settings.faults.stt_abort_after_s
-        if abort_after_s > 0 and self._audio_s >= abort_after_s:
+        if abort_after_s > 0 and self._audio_s >= abort_after_s and self._state.take_stt_abort():
             return _Abort(code=grpc.StatusCode.UNAVAILABLE, details=UNAVAILABLE)
         return None
 
@@ -251,7 +257,7 @@ class _StreamSession:
             try:
                 item = await asyncio.wait_for(self._outbox.get(), timeout)
             except TimeoutError:
-                await write(held.popleft()[1])
+                await self._write_final(write, held.popleft()[1])
                 continue
             if isinstance(item, _Abort):
                 return item
@@ -260,10 +266,14 @@ class _StreamSession:
                 held.append((loop.time() + delay_s, item.response))
                 continue
             while held:  # keep stream order: an earlier final goes first, early
-                await write(held.popleft()[1])
+                await self._write_final(write, held.popleft()[1])
             if item is _END:
                 return None
             await write(item.response)
+
+    async def _write_final(self, write: Callable[..., Any], response: Any) -> None:
+        await write(response)
+        self._recognizer.final_sent()  # only now may a shared script move past its line
 
 
 def config_problem(config: Any) -> str | None:

@@ -5,7 +5,8 @@ decoded 8 kHz PCM, segments it with the energy VAD of `segmenter`, and hands
 each voiced segment to a `SegmentDecoder`:
 
 - `ScriptDecoder` answers the n-th segment with the n-th script line,
-  revealed one word per `partial_interval_ms` of voiced audio;
+  revealed one word per `partial_interval_ms` of voiced audio (the n-th of
+  the stream, or, with a shared `ScriptCursor`, of the whole localcloud);
 - `PocketsphinxDecoder` runs pocketsphinx's en-us model on the segment.
 
 pocketsphinx is fed 16 kHz audio, linearly upsampled from the 8 kHz phone
@@ -23,6 +24,7 @@ by the service, and decoders are pooled per localcloud instance.
 from __future__ import annotations
 
 import threading
+from collections import deque
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -81,6 +83,9 @@ class SegmentDecoder(Protocol):
     def end(self) -> str | None:
         """The segment ended; returns its final transcript, None for no result."""
 
+    def final_sent(self) -> None:
+        """The oldest final this decoder produced and not yet reported has reached the client."""
+
     def close(self) -> None:
         """The stream is over; release resources."""
 
@@ -124,6 +129,14 @@ class StreamRecognizer:
             if ended is not None:
                 events.extend(self._end(ended))
         return events
+
+    def final_sent(self) -> None:
+        """The service delivered the oldest unreported final (finals go out in order).
+
+        Not under the lock: it is cheap, and it is called from the service's loop,
+        where a CPU-bound decoder's `feed` may be holding the lock in a worker.
+        """
+        self._decoder.final_sent()
 
     def close(self) -> None:
         """Release the decoder; later calls return no events. Idempotent."""
@@ -177,34 +190,73 @@ class StreamRecognizer:
         return events
 
 
+class ScriptCursor:
+    """The script position shared by every stream of one localcloud (`stt_script_shared`).
+
+    Real recognition depends on the audio, not on the stream carrying it: a
+    client that replaces a stream (rotation, reconnect) and replays the audio
+    no final covered gets the same words again. So a segment takes the line at
+    the cursor without moving it, and the cursor moves past a line only when
+    that line's final has reached the client (or the line has no words, so
+    there is nothing to deliver). A segment whose stream died first -- even
+    with its final already made and held back by `stt_final_delay_ms` -- is
+    answered with the same line by the next stream.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._next = 0
+
+    def peek(self) -> int:
+        with self._lock:
+            return self._next
+
+    def delivered(self, line: int) -> None:
+        with self._lock:
+            self._next = max(self._next, line + 1)
+
+
 class ScriptDecoder:
     """The n-th segment of a stream is answered by the n-th script line.
 
     While the segment is voiced the line is revealed one word per
     `partial_interval_ms` of voiced audio; past the end of the script,
-    segments get no result at all.
+    segments get no result at all. With a `cursor`, "n-th" counts across
+    every stream of the localcloud (see `ScriptCursor`).
     """
 
     stability = SCRIPT_STABILITY
     confidence = SCRIPT_CONFIDENCE
 
-    def __init__(self, lines: tuple[str, ...], *, partial_interval_ms: int) -> None:
+    def __init__(self, lines: tuple[str, ...], *, partial_interval_ms: int, cursor: ScriptCursor | None = None) -> None:
         self._lines = lines
         self._interval_ms = partial_interval_ms
+        self._cursor = cursor
         self._next_line = 0
+        self._line = 0
+        self._unsent: deque[int] = deque()  # lines whose finals are made but not yet delivered
         self._words: list[str] = []
 
     def begin(self, preroll: np.ndarray) -> None:
-        line = self._lines[self._next_line] if self._next_line < len(self._lines) else ""
-        self._next_line += 1
-        self._words = line.split()
+        self._line = self._cursor.peek() if self._cursor is not None else self._next_line
+        self._next_line = self._line + 1
+        self._words = self._lines[self._line].split() if self._line < len(self._lines) else []
 
     def frame(self, pcm: np.ndarray, *, voiced_ms: int) -> str | None:
         shown = min(len(self._words), voiced_ms // self._interval_ms)
         return " ".join(self._words[:shown]) or None
 
     def end(self) -> str | None:
+        if self._cursor is not None:
+            if self._words:
+                self._unsent.append(self._line)
+            else:
+                self._cursor.delivered(self._line)  # no final to lose: move on now
         return " ".join(self._words) or None
+
+    def final_sent(self) -> None:
+        if self._cursor is not None and self._unsent:
+            self._cursor.delivered(self._unsent.popleft())
 
     def close(self) -> None:
         pass
@@ -285,6 +337,9 @@ class PocketsphinxDecoder:
         self._in_utterance = False
         return self._text()
 
+    def final_sent(self) -> None:
+        pass  # the words come from the audio: nothing to keep track of
+
     def close(self) -> None:
         if self._decoder is not None:
             if self._in_utterance:  # a pooled decoder must be idle for the next start_utt
@@ -322,12 +377,17 @@ def upsample_2x(pcm: np.ndarray, previous: int) -> tuple[np.ndarray, int]:
     return out, int(x[-1]) if len(x) else previous
 
 
-def open_recognizer(settings: Any, pool: DecoderPool) -> StreamRecognizer:
-    """A recognizer for a new stream, configured from a `LocalCloudSettings` snapshot."""
+def open_recognizer(settings: Any, pool: DecoderPool, cursor: ScriptCursor | None = None) -> StreamRecognizer:
+    """A recognizer for a new stream, configured from a `LocalCloudSettings` snapshot.
+
+    `cursor` is the localcloud's shared script position, used when `stt_script_shared` is set.
+    """
     if settings.stt_engine == "pocketsphinx":
         decoder: SegmentDecoder = PocketsphinxDecoder(pool)
     else:
-        decoder = ScriptDecoder(settings.script_lines, partial_interval_ms=settings.stt_partial_interval_ms)
+        shared = cursor if settings.stt_script_shared else None
+        decoder = ScriptDecoder(settings.script_lines, partial_interval_ms=settings.stt_partial_interval_ms,
+                                cursor=shared)
     return StreamRecognizer(
         decoder,
         threshold_dbfs=settings.stt_vad_threshold_dbfs,

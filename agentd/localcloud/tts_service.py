@@ -11,10 +11,12 @@
   stricter case for a client that would otherwise cut a fixed header.
 - ListVoices: a small static catalogue (Hebrew and US English).
 
-Faults: `tts_error` -> INTERNAL; `tts_delay_ms` and the `tts_ttfb_ms`
-setting delay the first audio of each answer; `tts_empty_audio` answers with
-empty audio_content (streaming: no chunks for the input); `tts_bad_riff`
-corrupts the RIFF container (unary only: streamed chunks have no header).
+Faults: `tts_error` -> INTERNAL (`tts_fail_text`: only for input text
+containing that string, e.g. a reply's second sentence); `tts_delay_ms`
+and the `tts_ttfb_ms` setting delay the first audio of each answer;
+`tts_empty_audio` answers with empty audio_content (streaming: no chunks
+for the input); `tts_bad_riff` corrupts the RIFF container (unary only:
+streamed chunks have no header).
 """
 
 from __future__ import annotations
@@ -139,7 +141,8 @@ class TextToSpeechService:
     async def _speak(self, text: str, voice: Any, speaking_rate: float, config: Any, context: Any) -> bytes:
         """Headerless audio for `text` in `config`'s encoding, after the configured delays."""
         settings = self._state.settings
-        if settings.faults.tts_error:
+        fail_text = settings.faults.tts_fail_text
+        if settings.faults.tts_error or (fail_text and fail_text in text):
             await context.abort(grpc.StatusCode.INTERNAL, INTERNAL)
         language = voice.language_code or _language_of(voice.name)
         try:
