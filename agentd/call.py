@@ -35,6 +35,7 @@ from agentd.vad import VadSettings, VoiceActivity, VoiceEnded, VoiceStarted
 log = logging.getLogger(__name__)
 
 _FALLBACK_MARGIN_S = 0.3  # audio kept either side of a fallback utterance
+_PLAYOUT_MARGIN_S = 0.5  # beyond the TX lead: how long a sent frame may wait in Twilio's buffer
 
 
 @dataclass
@@ -64,6 +65,7 @@ def turn_settings(config: Config) -> fsm.TurnSettings:
         breath_min_s=t.breath_min_ms / 1000, breath_max_s=t.breath_max_ms / 1000,
         barge_in_enabled=t.barge_in_enabled, barge_in_min_s=t.barge_in_min_ms / 1000,
         barge_in_guard_s=t.barge_in_guard_ms / 1000, barge_in_requires_words=t.barge_in_requires_words,
+        barge_in_confirm_s=config.vad.hangover_ms / 1000,
         greeting_barge_in=t.greeting_barge_in, early_finalize=t.early_finalize_enabled,
         strong_punct_min_chars=t.strong_punct_min_chars, strong_bare_min_chars=t.strong_bare_min_chars,
         spec_enabled=config.spec.enabled, spec_min_chars=config.spec.min_chars,
@@ -266,7 +268,7 @@ class Call:
         job = ReplyJob(reply, tx=self.tx, stream_sid=self.stream_sid, emit=self._dispatch,
                        stamp=lambda name: timeline.stamp(name, trio.current_time()),
                        apology=cache.get(self.voice, self.business.apology), tts=self._svc.tts,
-                       voice=self.voice, filler=filler, filler_after_s=cfg.llm.filler_after_ms / 1000,
+                       voice=self.voice, filler=filler if cfg.llm.filler_after_ms > 0 else None,
                        mark_timeout_s=cfg.audio.mark_timeout_ms / 1000, **stamps)
         self._jobs[reply] = job
         return job
@@ -312,7 +314,9 @@ class Call:
                                   required_silence_ms=round(self.fsm.required_silence_s * 1000, 1))
         self.history.append(("user", text))
         self._user_text[reply] = text
-        self._jobs[reply].gate.set()
+        job = self._jobs[reply]
+        job.filler_at = speech_end_at + self._svc.config.llm.filler_after_ms / 1000
+        job.gate.set()
         if self.business.log_transcripts:
             log.info("call=%s turn=%d caller: %s", self.call_sid, reply, text)
 
@@ -330,7 +334,11 @@ class Call:
         """Record what the caller actually heard and emit the turn's telemetry."""
         job = self._jobs.pop(reply)
         job.scope.cancel()
-        said = " ".join(job.heard if interrupted else job.spoken)
+        if interrupted:  # marks are the proof of playback; the clock covers a Twilio that never echoes
+            lead_s = self.tx.lead_frames * 0.02 + _PLAYOUT_MARGIN_S
+            said = " ".join(job.heard_by(trio.current_time(), playout_margin_s=lead_s))
+        else:
+            said = " ".join(job.spoken)
         if reply > 0 and not job.draft:
             if resumes_turn and self.history and self.history[-1] == ("user", self._user_text.get(reply)):
                 self.history.pop()  # the FSM puts these words back into the turn still going on

@@ -205,7 +205,7 @@ class LlmConfig:
     first_token_timeout_ms: int = _opt(4000, _TIMEOUT_MS)
     history_turns: int = _opt(12, lo=0)
     first_clause_min_chars: int = _opt(24, lo=0)
-    filler_after_ms: int = _opt(1000, _MS)  # 0 = never
+    filler_after_ms: int = _opt(1200, _MS)  # 0 = never
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -235,6 +235,9 @@ class TurnSettings:
     barge_in_enabled: bool = True
     barge_in_min_s: float = 0.3
     barge_in_guard_s: float = 0.0  # speech in the first moments of agent audio never interrupts
+    # The VAD reports the end of speech only after its hangover: wait that long too, so
+    # speech shorter than barge_in_min_s is known to have ended before it could interrupt.
+    barge_in_confirm_s: float = 0.0
     barge_in_requires_words: bool = False  # noise and echo carry no words
     greeting_barge_in: bool = True
     early_finalize: bool = False
@@ -413,7 +416,7 @@ class CallFSM:
             counted_from = event.at
             if self.state is not State.THINKING:  # echo guard: agent audio is playing
                 counted_from = max(event.at, self._audio_since + s.barge_in_guard_s)
-            self._timers["barge"] = counted_from + s.barge_in_min_s
+            self._timers["barge"] = counted_from + s.barge_in_min_s + s.barge_in_confirm_s
 
     def _disarm_barge_in(self, event: SpeechEnded) -> None:
         self._release_speech(event)

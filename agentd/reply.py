@@ -56,7 +56,7 @@ class ReplyJob:
                  emit: Callable[[fsm.Event], None], stamp: Callable[[str], None],
                  apology: Piece | None, tts: Synthesizer | None = None, voice: Voice | None = None,
                  first_frame_stamp: str = "first_reply_frame_sent", last_frame_stamp: str | None = None,
-                 filler: Piece | None = None, filler_after_s: float = 0.0, mark_timeout_s: float = 3.0):
+                 filler: Piece | None = None, mark_timeout_s: float = 3.0):
         self.id = reply_id
         self.scope = trio.CancelScope()
         self.begin = trio.Event()
@@ -75,12 +75,14 @@ class ReplyJob:
         self._first_frame_stamp = first_frame_stamp
         self._last_frame_stamp = last_frame_stamp
         self._filler = filler
-        self._filler_after_s = filler_after_s
+        self.filler_at = float("inf")  # when to say the filler if no audio is ready (call clock)
         self._filler_scope = trio.CancelScope()
         self._mark_timeout_s = mark_timeout_s
         self._done = trio.Event()
         self._marks: dict[str, str] = {}
+        self._sent_at: dict[str, float] = {}  # when each piece's last frame left for Twilio
         self._echoed = 0
+        self._heard_marks: set[str] = set()
         self._epoch = -1
         self._all_queued = False
         self._ready_sent = False
@@ -97,7 +99,7 @@ class ReplyJob:
             async with trio.open_nursery() as nursery:
                 if think is not None:
                     nursery.start_soon(self._guarded_think, think, sentences_in)
-                    if self._filler is not None and self._filler_after_s > 0:
+                    if self._filler is not None:
                         nursery.start_soon(self._offer_filler, pieces_in.clone())
                     nursery.start_soon(self._voice, sentences_out, pieces_in)
                 else:
@@ -130,12 +132,13 @@ class ReplyJob:
         self._ready()  # nothing to say still lets the call move on
 
     async def _offer_filler(self, out: trio.MemorySendChannel) -> None:
-        """If the reply has no audio filler_after_s after the turn ended, say a filler
+        """If the reply has no audio by ``filler_at`` (set from the end of the caller's
+        speech), say a filler
         (from memory) so the caller is never left in silence; the reply follows it."""
         with self._filler_scope:
             async with out:
                 await self.gate.wait()
-                await trio.sleep(self._filler_after_s)
+                await trio.sleep_until(self.filler_at)
                 if not self._ready_sent:
                     out.send_nowait(self._filler)  # nothing else is queued yet
                     self._ready()
@@ -208,6 +211,8 @@ class ReplyJob:
             await self._tx.put_frames(piece.frames, epoch=self._epoch)
             name = f"r{self.id}-{len(self._marks) + 1}"
             self._marks[name] = piece.text
+            self._tx.put_hook(lambda name=name: self._sent_at.__setitem__(name, trio.current_time()),
+                              epoch=self._epoch)
             if piece.text:
                 self.spoken.append(piece.text)
             self._tx.put_control(twilio.render_mark(self._sid, name), epoch=self._epoch)
@@ -224,6 +229,14 @@ class ReplyJob:
                         self.id, len(self._marks) - self._echoed)
             self._finish(trio.current_time())
 
+    def heard_by(self, now: float, *, playout_margin_s: float) -> list[str]:
+        """What the caller heard of this reply if it is cut off at ``now``: pieces whose
+        mark came back, plus -- for a Twilio that does not echo marks -- pieces whose
+        last frame left more than ``playout_margin_s`` (Twilio's buffer) before ``now``."""
+        heard = set(self._heard_marks)
+        heard.update(n for n, at in self._sent_at.items() if at <= now - playout_margin_s)
+        return [text for name, text in self._marks.items() if name in heard and text]
+
     def owns_mark(self, name: str) -> bool:
         return name in self._marks
 
@@ -232,6 +245,7 @@ class ReplyJob:
         if self._tx.epoch != self._epoch:
             return  # echoed by our own `clear`: the caller never heard it
         self._echoed += 1
+        self._heard_marks.add(name)
         if self._marks[name]:
             self.heard.append(self._marks[name])
         self._check_done(at)

@@ -96,12 +96,6 @@ async def test_when_marks_never_come_back_each_reply_still_ends_and_the_call_goe
     assert rig.history_sent() == [("user", OPEN_LINE), ("assistant", OPEN_REPLY), ("user", BYE_LINE)]
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "With the shipped audio.mark_timeout_ms (3 s) the agent is still SPEAKING when the caller answers "
-    "0.7 s after the reply ended, so the answer is taken as a barge-in and ReplyJob.heard (marks only) "
-    "is empty: the reply the caller heard in full vanishes from the LLM history. Fix in agentd/reply.py: "
-    "record when each piece's last frame left the TX queue (a put_hook after its mark) and count a piece "
-    "as heard when its mark came back before the clear OR it was sent more than lead + ~0.5 s before it."))
 async def test_when_marks_never_come_back_a_reply_heard_in_full_stays_in_history(base_config, voices):
     async with open_rig(fault_config(base_config), (OPEN_LINE, BYE_LINE)) as rig:
         with trio.fail_after(GUARD_S):
@@ -143,11 +137,6 @@ async def test_an_echo_at_the_start_of_agent_audio_does_not_interrupt(base_confi
     await _assert_reply_not_interrupted(base_config, voices, sound="blip", when="first_frame", words=True)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "barge_in_min_ms is not honoured: the barge timer fires at speech start + min, but the VAD reports "
-    "the end of speech only after its hangover (220 ms), so any speech longer than min - hangover (80 ms) "
-    "with words interrupts. Fix in agentd/fsm.py: decide the barge-in at start + min + hangover, or have "
-    "SpeechEnded cancel a barge-in whose deadline came after the speech's end (event.at)."))
 async def test_speech_shorter_than_barge_in_min_does_not_interrupt(base_config, voices):
     await _assert_reply_not_interrupted(base_config, voices, sound="blip", when="first_mark", words=True)
 

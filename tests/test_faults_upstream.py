@@ -91,12 +91,6 @@ async def test_when_tts_fails_the_caller_hears_the_cached_apology_or_the_rest_is
         assert_fault_survived(fault, outcome)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "With the shipped llm.filler_after_ms=1000 the filler clock starts when the turn is committed "
-    "(~0.5 s after the caller's speech ends) and restarts when a late draft is replaced "
-    "(spec.wait_ms=400), so a stalled LLM is first heard ~1.9 s after the caller stops. Fix in "
-    "agentd/call.py: give ReplyJob an absolute filler deadline, speech_end_at + filler_after_s, "
-    "and keep it when _spec_wait_timer replaces the draft with a fresh reply."))
 async def test_with_the_shipped_timeouts_a_stalled_llm_is_covered_by_a_filler_within_1_5_s(base_config, voices):
     fault = Fault("no first token, shipped timeouts", faults={"llm_stall_first_token": True})
     outcome = await call_through(base_config, voices, fault, turns=("open",))

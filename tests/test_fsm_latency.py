@@ -822,3 +822,19 @@ def test_words_already_heard_let_sustained_speech_interrupt_on_time():
     fsm.handle(SpeechStarted(at=15.0))
     fsm.handle(Partial(at=15.2, text="excuse me", audio_end_at=15.2))
     assert fsm.handle(Tick(at=15.3)) == [StopPlayback(), CancelReply(reply=1)]
+
+
+def test_barge_in_waits_for_the_vad_hangover_so_a_short_blip_cannot_interrupt():
+    fsm = _speaking(TurnSettings(barge_in_confirm_s=0.22))
+    fsm.handle(SpeechStarted(at=15.0))
+    assert fsm.next_deadline() == pytest.approx(15.52)
+    fsm.handle(SpeechEnded(at=15.15))  # reported at 15.37, after the hangover: a 150 ms blip
+    assert fsm.handle(Tick(at=15.6)) == []
+    assert fsm.state is State.SPEAKING
+
+
+def test_sustained_speech_still_interrupts_after_the_confirmation():
+    fsm = _speaking(TurnSettings(barge_in_confirm_s=0.22))
+    fsm.handle(SpeechStarted(at=15.0))
+    assert fsm.handle(Tick(at=15.5)) == []
+    assert fsm.handle(Tick(at=fsm.next_deadline())) == [StopPlayback(), CancelReply(reply=1)]
