@@ -93,14 +93,46 @@ async def serve(config: Config, *, observers: list[Callable[[dict], None]] | Non
                                 cache=AudioCache(tts), sink=sink, observers=observers or [])
             await _warm_cache(services)
             server = Server(port=0, services=services, gate=gate)
-            listener = await nursery.start(functools.partial(
-                trio_websocket.serve_websocket, lambda request: _handle(server, request),
-                config.server.host, config.server.port, None,
-                max_message_size=2 * config.server.max_message_bytes))
-            server.port = listener.port
+            server.port = await nursery.start(functools.partial(
+                _serve_websockets, lambda request: _handle(server, request), config))
             log.info("agentd listening on ws://%s:%d%s", config.server.host, server.port, config.server.path)
             task_status.started(server)
             await trio.sleep_forever()
+
+
+async def _serve_websockets(handler, config: Config, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+    """trio-websocket's server, with each connection fenced off from the others.
+
+    trio-websocket runs a connection's reader task in a nursery under the
+    server's, so a protocol error in one connection (wsproto raising
+    LocalProtocolError when a peer's oversized frame meets our own close)
+    would end every call. Each connection is therefore handled inside its own
+    boundary; this reaches for WebSocketServer's per-connection handler, the
+    one place trio-websocket offers no hook (tests/test_hostile_input.py pins it).
+    """
+    listeners = await trio.open_tcp_listeners(config.server.port, host=config.server.host)
+    server = trio_websocket.WebSocketServer(
+        handler, listeners, max_message_size=2 * config.server.max_message_bytes)
+
+    async def fenced(stream: trio.abc.Stream) -> None:
+        try:
+            await server._handle_connection(stream)  # noqa: SLF001 -- see the docstring
+        except* Exception as group:
+            log.error("a WebSocket connection failed inside trio-websocket; only it is closed",
+                      exc_info=group)
+
+    await trio.serve_listeners(fenced, listeners,
+                               task_status=_PortReporter(task_status))
+
+
+class _PortReporter:
+    """Turns serve_listeners' started(listeners) into started(port)."""
+
+    def __init__(self, task_status):
+        self._task_status = task_status
+
+    def started(self, listeners) -> None:
+        self._task_status.started(listeners[0].socket.getsockname()[1])
 
 
 async def _warm_cache(services: Services) -> None:
@@ -168,7 +200,7 @@ async def _run_call(ws: trio_websocket.WebSocketConnection, server: Server) -> N
     except* trio_websocket.ConnectionClosed:
         log.info("call=%s socket closed", admission.call_sid)
     except* CallProtocolError as group:
-        reason = "; ".join(str(e) for e in group.exceptions)
+        reason = printable("; ".join(str(e) for e in group.exceptions))
         log.warning("call=%s closed: protocol error: %s", admission.call_sid, reason)
         await _close(ws, _POLICY_VIOLATION, reason)
     except* Exception as group:
@@ -185,7 +217,15 @@ async def _run_call(ws: trio_websocket.WebSocketConnection, server: Server) -> N
             await _close(ws, _NORMAL_CLOSURE, "bye")
 
 
+def printable(text: str) -> str:
+    """Peer-chosen text made safe for a log line and a close frame: control
+    characters, lone surrogates and the like are escaped, never passed through."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
 async def _close(ws: trio_websocket.WebSocketConnection, code: int, reason: str) -> None:
+    # A close reason is at most 123 bytes of UTF-8.
+    reason = printable(reason).encode("utf-8")[:120].decode("utf-8", "ignore")
     with trio.move_on_after(1) as scope:
         scope.shield = True
-        await ws.aclose(code=code, reason=reason[:120])
+        await ws.aclose(code=code, reason=reason)
