@@ -105,6 +105,7 @@ class Call:
         self._turns_taken = 0
         self._user_text: dict[int, str] = {}
         self._rearm = trio.Event()
+        self._warned_unknown = False
         self._nursery: trio.Nursery | None = None
 
     # -- lifecycle ---------------------------------------------------------
@@ -133,10 +134,10 @@ class Call:
 
     async def _await_start(self) -> twilio.Start:
         while True:
-            event = twilio.parse_inbound(await self._ws.get_message(), max_bytes=self._max_bytes)
+            event = self._parse(await self._ws.get_message())
             if isinstance(event, twilio.Start):
                 return event
-            if not isinstance(event, twilio.Connected):
+            if event is not None and not isinstance(event, twilio.Connected):
                 raise CallProtocolError(f"{type(event).__name__.lower()} before start")
 
     def _setup(self, start: twilio.Start) -> None:
@@ -161,7 +162,7 @@ class Call:
                 message = await self._ws.get_message()
             except trio_websocket.ConnectionClosed:
                 return
-            event = twilio.parse_inbound(message, max_bytes=self._max_bytes)
+            event = self._parse(message)
             if isinstance(event, twilio.Media):
                 self._on_media(event.payload)
             elif isinstance(event, twilio.Mark):
@@ -170,6 +171,16 @@ class Call:
                 return
             elif isinstance(event, (twilio.Start, twilio.Connected)):
                 raise CallProtocolError(f"unexpected {type(event).__name__.lower()} mid-call")
+
+    def _parse(self, message: str | bytes) -> twilio.InboundEvent | None:
+        """One inbound message; an event type Twilio added after us is skipped, not fatal."""
+        try:
+            return twilio.parse_inbound(message, max_bytes=self._max_bytes)
+        except twilio.UnknownEventError as exc:
+            if not self._warned_unknown:
+                self._warned_unknown = True
+                log.warning("call=%s skipping unknown Twilio event: %s", self.call_sid, exc)
+            return None
 
     def _finish(self) -> None:
         now = trio.current_time()

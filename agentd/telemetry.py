@@ -233,7 +233,7 @@ class JsonlSink:
         day = self._day()
         lines: dict[str, list[str]] = {}
         for kind, record in batch:
-            lines.setdefault(kind, []).append(json.dumps(record, ensure_ascii=False, separators=(",", ":"),
+            lines.setdefault(kind, []).append(json.dumps(record, ensure_ascii=True, separators=(",", ":"),
                                                          default=str))
         for kind, kind_lines in lines.items():
             path = os.path.join(self.directory, f"{kind}-{day}.jsonl")
