@@ -233,9 +233,9 @@ class JsonlSink:
         day = self._day()
         lines: dict[str, list[str]] = {}
         for kind, record in batch:
-            lines.setdefault(kind, []).append(json.dumps(record, ensure_ascii=True, separators=(",", ":"),
+            lines.setdefault(kind, []).append(json.dumps(record, ensure_ascii=False, separators=(",", ":"),
                                                          default=str))
         for kind, kind_lines in lines.items():
             path = os.path.join(self.directory, f"{kind}-{day}.jsonl")
-            with open(path, "a", encoding="utf-8") as fh:
+            with open(path, "a", encoding="utf-8", errors="backslashreplace") as fh:  # peer text may hold lone surrogates
                 fh.write("\n".join(kind_lines) + "\n")

@@ -138,8 +138,12 @@ async def settled_footprint(cloud) -> Footprint:
 
 async def wait_for_footprint(cloud, baseline: Footprint) -> Footprint:
     """Poll until tasks, threads, fds and gRPC streams are back to ``baseline`` (bounded by the caller)."""
-    while not (now := footprint(cloud)).settled_to(baseline):
-        await trio.sleep(0.1)
+    try:
+        while not (now := footprint(cloud)).settled_to(baseline):
+            await trio.sleep(0.1)
+    except trio.Cancelled:
+        print(f"footprint never settled: baseline {baseline}, last {footprint(cloud)}")
+        raise
     return now
 
 
