@@ -75,10 +75,11 @@ class Agentd:
 
 
 def start_agentd(lc: common.LocalCloudProcess, run_dir: Path, *, max_calls: int, config_path: str | None,
-                 gc_log: Path | None) -> Agentd:
+                 gc_log: Path | None, gc_freeze: bool = False) -> Agentd:
     """`agentd serve` on core 0 with environment overrides; returns once it listens.
 
-    With `gc_log`, agentd runs under bench.gcwatch, which logs its long garbage collections there.
+    With `gc_log`, agentd runs under bench.gcwatch, which logs its long garbage collections there
+    (and with `gc_freeze` calls gc.freeze() after agentd's imports: an experiment, not agentd's behaviour).
     """
     port = common.free_port()
     telemetry = run_dir / "telemetry"
@@ -88,7 +89,7 @@ def start_agentd(lc: common.LocalCloudProcess, run_dir: Path, *, max_calls: int,
     (run_dir / "agentd.env").write_text("".join(f"{k}={v}\n" for k, v in common.env_overrides(overrides).items()))
     command = [common.PYTHON, "-m", "agentd", "serve"] + (["--config", config_path] if config_path else [])
     if gc_log is not None:
-        command[1:3] = ["-m", "bench.gcwatch", str(gc_log)]
+        command[1:3] = ["-m", "bench.gcwatch", str(gc_log)] + (["--freeze"] if gc_freeze else [])
     with open(run_dir / "agentd.log", "ab") as log_file:
         process = subprocess.Popen(common.pinned(command, AGENTD_CPU), cwd=common.REPO, env=env,
                                    stdout=log_file, stderr=log_file)
@@ -259,6 +260,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="py-spy agentd this long during the largest load (0 = no; needs py-spy)")
     parser.add_argument("--gc-log", action="store_true",
                         help="run agentd under bench.gcwatch and report its garbage-collection pauses")
+    parser.add_argument("--gc-freeze", action="store_true",
+                        help="experiment: as --gc-log, and gc.freeze() after agentd's imports")
     parser.add_argument("--stt-final-ms", type=int, default=880, help="localcloud's final delay (default 880)")
     parser.add_argument("--wait-quiet-s", type=float, default=120,
                         help="before each load, wait up to this long for other processes to use "
@@ -293,7 +296,8 @@ def main(argv: list[str] | None = None) -> int:
     with common.LocalCloudProcess([p.script for p in PHRASES], delays, log_path=run_dir / "localcloud.log",
                                   cpu=CLOUD_CPU) as lc:
         agentd = start_agentd(lc, run_dir, max_calls=max(args.load_list) + 50, config_path=args.config,
-                              gc_log=run_dir / "gc.log" if args.gc_log else None)
+                              gc_log=run_dir / "gc.log" if args.gc_log or args.gc_freeze else None,
+                              gc_freeze=args.gc_freeze)
         try:
             results = run_all(agentd, lc, wavs, run_dir, args)
         finally:

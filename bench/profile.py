@@ -8,7 +8,9 @@ actually running), and writes collapsed stacks ("frame;frame;... count",
 frame = "func (file:line)"). py-spy pauses agentd for each of its 100 samples
 a second (tens of microseconds each): without pausing (``--nonblocking``) many
 stacks come out torn, which ruins the inclusive ranking.
-`summarize` ranks functions by self samples (the leaf frame: where the CPU
+`summarize` ranks the tasks the samples worked for (the coroutine Trio was
+stepping: a call's handler, a WebSocket reader, a reply, the TX pacer...; or
+another thread), functions by self samples (the leaf frame: where the CPU
 was) and by inclusive samples (anywhere on the stack; agentd's own functions
 are listed separately, which attributes library time to the agentd feature
 that caused it), and files by self samples. Shares are of GIL-holding time: the CPU that limits one process.
@@ -74,9 +76,19 @@ def _short(frame: str) -> tuple[str, str]:
     return f"{func} ({file})", file
 
 
+def _task(frames: list[tuple[str, str]]) -> str:
+    """What the sample was working for: the coroutine Trio was stepping, or the thread's entry point."""
+    names = [name.split(" (")[0] for name, _ in frames]
+    if "unrolled_run" in names:
+        at = names.index("unrolled_run") + 1
+        return frames[at][0] if at < len(frames) else "trio scheduler (run loop)"
+    entry = next((name for name, _ in frames if not name.startswith(("Thread.", "_bootstrap", "<module>"))), "?")
+    return f"other thread: {entry}"
+
+
 def summarize(raw: Path, top: int = 15) -> dict[str, object]:
     """Self and inclusive sample shares from py-spy's raw output (percent of all samples)."""
-    self_func, self_file, inclusive, total = Counter(), Counter(), Counter(), 0
+    self_func, self_file, inclusive, tasks, total = Counter(), Counter(), Counter(), Counter(), 0
     for line in raw.read_text(encoding="utf-8", errors="replace").splitlines():
         stack, _, count = line.rpartition(" ")
         if not stack or not count.isdigit():
@@ -86,6 +98,7 @@ def summarize(raw: Path, top: int = 15) -> dict[str, object]:
         total += n
         self_func[frames[-1][0]] += n
         self_file[frames[-1][1]] += n
+        tasks[_task(frames)] += n
         for name in {f[0] for f in frames}:
             inclusive[name] += n
 
@@ -93,13 +106,14 @@ def summarize(raw: Path, top: int = 15) -> dict[str, object]:
         return [(name, round(100 * n / total, 1)) for name, n in counter.most_common(top)] if total else []
 
     agentd_only = Counter({name: n for name, n in inclusive.items() if "(agentd/" in name})
-    return {"samples": total, "self": share(self_func), "self_by_file": share(self_file),
+    return {"samples": total, "by_task": share(tasks), "self": share(self_func), "self_by_file": share(self_file),
             "inclusive": share(inclusive), "agentd_inclusive": share(agentd_only)}
 
 
 def print_summary(summary: dict[str, object]) -> None:
     print(f"\n== py-spy profile of agentd: {summary['samples']} samples (busy time only; % of samples)")
-    for title, key in (("self time by file", "self_by_file"), ("self time by function", "self"),
+    for title, key in (("by task (the coroutine Trio was running, or another thread)", "by_task"),
+                       ("self time by file", "self_by_file"), ("self time by function", "self"),
                        ("inclusive time of agentd's functions (callees included)", "agentd_inclusive")):
         print(f"  {title}:")
         for name, pct in summary[key]:
