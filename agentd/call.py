@@ -1,8 +1,10 @@
 """One phone call: the Trio glue around the sans-I/O ``CallFSM``.
 
 Every task of a call lives in the call's one nursery (TX pacer, recognizer,
-timers, stats, replies, fallback transcriptions); when the caller hangs up or
-the socket drops, the nursery is cancelled and everything ends with it.
+timers, line watchdog, stats, replies, fallback transcriptions); when the
+caller hangs up, the socket drops or the agent ends the call (the line went
+quiet, or the call reached its length limit), the nursery is cancelled and
+everything ends with it. The call record says which (``end_reason``).
 
 Events reach the FSM through ``_dispatch``, a synchronous function called by
 whichever task learnt the fact (reader, recognizer, reply, timer). Trio runs
@@ -26,6 +28,7 @@ from agentd.config import Business, Config
 from agentd.errors import CallProtocolError, UpstreamUnavailable
 from agentd.grpc_bridge import Channel
 from agentd.llm_openai import build_messages
+from agentd.metronome import Metronome
 from agentd.reply import ReplyJob, chat_thinker
 from agentd.stt_google import SttSettings, StreamingRecognizer
 from agentd.tts_google import Synthesizer, Voice
@@ -36,6 +39,7 @@ log = logging.getLogger(__name__)
 
 _FALLBACK_MARGIN_S = 0.3  # audio kept either side of a fallback utterance
 _PLAYOUT_MARGIN_S = 0.5  # beyond the TX lead: how long a sent frame may wait in Twilio's buffer
+_CALLER_ENDS = ("stop", "socket closed")  # end reasons that need no explanation in the close frame
 
 
 @dataclass
@@ -48,6 +52,7 @@ class Services:
     stt_channel: Channel
     cache: AudioCache
     sink: telemetry.JsonlSink
+    metronome: Metronome
     observers: list[Callable[[dict], None]] = field(default_factory=list)
 
     def voice(self, business: Business) -> Voice:
@@ -107,11 +112,20 @@ class Call:
         self._rearm = trio.Event()
         self._warned_unknown = False
         self._nursery: trio.Nursery | None = None
+        # Why the call ended, for its record; stays "aborted" on an internal error or a daemon shutdown.
+        self.end_reason = "aborted"
+        self._heard_at = self.t0  # when the peer last sent anything: what the line watchdog checks
 
     # -- lifecycle ---------------------------------------------------------
 
-    async def run(self) -> None:
-        """Serve the call until ``stop`` or the socket closes. Raises CallProtocolError."""
+    async def run(self) -> str:
+        """Serve the call until it ends; returns the reason for the close frame.
+
+        The caller ends it with ``stop`` or by closing the socket (reason "bye");
+        the agent ends it when nothing has come in for ``server.media_timeout_ms``
+        or at ``server.max_call_duration_s`` (the reason says which).
+        Raises CallProtocolError.
+        """
         start = await self._await_start()
         if self._on_start is not None:
             self._on_start(start)
@@ -125,12 +139,18 @@ class Call:
                 else:
                     self._dispatch(fsm.SttLost(at=trio.current_time()))  # every turn via Recognize
                 nursery.start_soon(self._run_timers)
+                nursery.start_soon(self._watch_line)
                 nursery.start_soon(self._report_stats)
                 self._dispatch(fsm.CallStarted(at=trio.current_time()))
-                await self._read_until_stop()
+                try:
+                    self.end_reason = await self._read_until_stop()
+                except CallProtocolError:
+                    self.end_reason = "protocol error"  # what it was is logged at the per-call boundary
+                    raise
                 nursery.cancel_scope.cancel()
         finally:
             self._finish()
+        return "bye" if self.end_reason in _CALLER_ENDS else self.end_reason
 
     async def _await_start(self) -> twilio.Start:
         while True:
@@ -153,22 +173,26 @@ class Call:
                                        self._dispatch, is_quiet=lambda: not self.vad.speaking)
         self.stt.on_stream_open = lambda at: self._timelines[0].stamp("stt_stream_opened", at)
         self.tx = TxQueue(self._ws.send_message, lambda f: twilio.render_media(self.stream_sid, f),
-                          capacity_frames=cfg.audio.tx_queue_frames, lead_frames=cfg.audio.tx_lead_frames)
+                          metronome=self._svc.metronome, capacity_frames=cfg.audio.tx_queue_frames,
+                          lead_frames=cfg.audio.tx_lead_frames)
         log.info("call=%s start business=%s", self.call_sid, self.business.name)
 
-    async def _read_until_stop(self) -> None:
+    async def _read_until_stop(self) -> str:
+        """Carry inbound messages into the call; returns how the caller ended it."""
         while True:
             try:
                 message = await self._ws.get_message()
             except trio_websocket.ConnectionClosed:
-                return
+                return "socket closed"
+            # 50 messages a second: the watchdog only needs this stamp, never a scope or a task.
+            self._heard_at = at = trio.current_time()
             event = self._parse(message)
             if isinstance(event, twilio.Media):
-                self._on_media(event.payload)
+                self._on_media(event.payload, at)
             elif isinstance(event, twilio.Mark):
                 self._on_mark(event.name)
             elif isinstance(event, twilio.Stop):
-                return
+                return "stop"
             elif isinstance(event, (twilio.Start, twilio.Connected)):
                 raise CallProtocolError(f"unexpected {type(event).__name__.lower()} mid-call")
 
@@ -182,6 +206,31 @@ class Call:
                 log.warning("call=%s skipping unknown Twilio event: %s", self.call_sid, exc)
             return None
 
+    async def _watch_line(self) -> None:
+        """End the call once nothing has come in for server.media_timeout_ms, or at
+        server.max_call_duration_s.
+
+        Twilio streams media every 20 ms for the whole call (line silence and agent
+        speech included), so a quiet line is a peer that vanished without closing
+        the socket: a half-open TCP connection, which would otherwise hold the call
+        and a max_calls slot until the length limit. The reader only stamps
+        ``_heard_at``; this task wakes about once per timeout, not per message.
+        """
+        server = self._svc.config.server
+        quiet_s, limit_at = server.media_timeout_ms / 1000, self.t0 + server.max_call_duration_s
+        self._heard_at = trio.current_time()  # setup (opening STT) may have left messages waiting unread
+        while (now := trio.current_time()) < (end_at := min(self._heard_at + quiet_s, limit_at)):
+            await trio.sleep_until(end_at)
+        if now >= limit_at:
+            self.end_reason = "call duration limit"
+            log.warning("call=%s ended: server.max_call_duration_s (%gs) reached", self.call_sid,
+                        server.max_call_duration_s)
+        else:
+            self.end_reason = f"no media for {server.media_timeout_ms} ms"
+            log.warning("call=%s ended: no message from Twilio for %d ms (server.media_timeout_ms); "
+                        "the peer is gone", self.call_sid, server.media_timeout_ms)
+        self._nursery.cancel_scope.cancel()
+
     def _finish(self) -> None:
         now = trio.current_time()
         if hasattr(self, "fsm"):
@@ -189,6 +238,7 @@ class Call:
         for reply in list(self._jobs):
             self._close_turn(reply, interrupted=True)
         record = {"call_sid": self.call_sid, "duration_ms": round((now - self.t0) * 1000, 1),
+                  "end_reason": self.end_reason,
                   "turns": self._turns_taken, "states": self.states,
                   "tx_drops": getattr(getattr(self, "tx", None), "drops", 0),
                   "frames_sent": getattr(getattr(self, "tx", None), "frames_sent", 0),
@@ -198,12 +248,11 @@ class Call:
         self._svc.sink.emit_call(record)
         for observer in self._svc.observers:
             observer(record | {"kind": "call"})
-        log.info("call=%s ended after %.1fs", self.call_sid, now - self.t0)
+        log.info("call=%s ended after %.1fs: %s", self.call_sid, now - self.t0, self.end_reason)
 
     # -- inbound -----------------------------------------------------------
 
-    def _on_media(self, payload: bytes) -> None:
-        at = trio.current_time()
+    def _on_media(self, payload: bytes, at: float) -> None:
         for fact in self.vad.feed(payload, at):
             if isinstance(fact, VoiceStarted):
                 self._dispatch(fsm.SpeechStarted(at=fact.at))

@@ -104,6 +104,9 @@ class ServerConfig:
     max_message_bytes: int = _opt(65536, lo=1024)
     max_calls: int = _opt(100, lo=1)
     max_call_duration_s: float = _opt(3600.0, lo=1)
+    # No inbound message for this long ends the call: Twilio streams media every 20 ms,
+    # so the peer is gone (a half-open connection that never closes).
+    media_timeout_ms: int = _opt(5000, _TIMEOUT_MS)
     # Twilio request validation: the public wss:// URL exactly as in the TwiML ("" = no check).
     public_url: str = _opt("", pattern=r"wss?://[^\s?#]+", like="wss://host/path", allow_empty=True)
     # Name of the env variable holding the Twilio auth token used to check x-twilio-signature.

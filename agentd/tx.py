@@ -27,6 +27,8 @@ from collections.abc import Awaitable, Callable, Iterable
 
 import trio
 
+from agentd.metronome import Alarm, Metronome
+
 FRAME_S = 0.02
 _LATE_BINS = 101
 
@@ -37,8 +39,9 @@ class TxQueue:
     """Paced, bounded outbound audio for one call. Run ``run()`` in the call's nursery."""
 
     def __init__(self, send: Callable[[str], Awaitable[None]], render_media: Callable[[bytes], str],
-                 *, capacity_frames: int = 120, lead_frames: int = 5, max_lag_s: float = 0.5):
+                 *, metronome: Metronome, capacity_frames: int = 120, lead_frames: int = 5, max_lag_s: float = 0.5):
         self._send = send
+        self._metronome = metronome
         self._render_media = render_media
         self.capacity_frames = capacity_frames
         self.lead_frames = lead_frames
@@ -46,16 +49,22 @@ class TxQueue:
         self._items: collections.deque[Item] = collections.deque()
         self._frames_queued = 0
         self._urgent: collections.deque[str] = collections.deque()
-        self._pacer_wakeup = trio.lowlevel.ParkingLot()
+        self._pacer_wakeup = trio.lowlevel.ParkingLot()  # the pacer waits here for items
+        self._alarm: Alarm | None = None  # ... and on this for a frame's due time
         self._space = trio.lowlevel.ParkingLot()
         self._burst_t0 = float("-inf")
+        self._grid_t0 = float("-inf")  # burst_t0 on the metronome's grid: paced frames are due on it
         self._burst_k = 0
         self._underrun = True  # the queue ran out of frames since the last one sent
         self.epoch = 0
         self.frames_sent = 0
         self.drops = 0
-        # How late each paced frame left, in whole ms (last bin: >= _LATE_BINS - 1 ms).
+        # Pacing jitter: how late each frame left after it was both due and queued, in whole ms
+        # (last bin: >= _LATE_BINS - 1 ms). A frame the producer delivered after its due time (TTS
+        # between sentences) is late by the producer's gap, which Twilio's lead buffer absorbs; that
+        # is not the pacer's lateness, so it counts from when the frame arrived.
         self._lateness_ms = [0] * _LATE_BINS
+        self._refilled_at = float("-inf")  # when the last frame landed in an empty queue
 
     # -- producers ---------------------------------------------------------
 
@@ -70,6 +79,8 @@ class TxQueue:
                 await self._space.park()
             if epoch != self.epoch:
                 return
+            if not self._frames_queued:
+                self._refilled_at = trio.current_time()
             self._items.append(frame)
             self._frames_queued += 1
             self._pacer_wakeup.unpark_all()
@@ -95,13 +106,18 @@ class TxQueue:
         self._burst_t0, self._underrun = float("-inf"), True
         self._urgent.append(clear_message)
         self._space.unpark_all()
-        self._pacer_wakeup.unpark_all()
+        self._wake_for_urgent()
         return dropped
 
     def send_now(self, message: str) -> None:
         """Send a message ahead of the queue (out-of-band control)."""
         self._urgent.append(message)
+        self._wake_for_urgent()
+
+    def _wake_for_urgent(self) -> None:
         self._pacer_wakeup.unpark_all()
+        if self._alarm is not None:
+            self._alarm.ring()
 
     # -- the pacer (the only writer) ----------------------------------------
 
@@ -129,19 +145,25 @@ class TxQueue:
         if self._underrun and now > self._burst_t0 + self._burst_k * FRAME_S:
             # We ran out of audio and Twilio's buffer has played dry: new burst, fresh lead.
             self._burst_t0, self._burst_k = now, 0
+            self._grid_t0 = self._metronome.align(now)
         self._underrun = False
-        # Frames 0..lead-1 of a burst are due at once; frame k >= lead is due (k - lead + 1) * 20 ms later.
-        due = self._burst_t0 + max(0, self._burst_k + 1 - self.lead_frames) * FRAME_S
+        # Frames 0..lead-1 of a burst are due at once; frame k >= lead is due (k - lead + 1) * 20 ms
+        # after the burst began, counted from the grid (at most one tick later; the lead covers it).
+        paced = self._burst_k + 1 - self.lead_frames
+        due = self._grid_t0 + paced * FRAME_S if paced > 0 else self._burst_t0
         while trio.current_time() < due:
-            with trio.move_on_at(due):
-                await self._pacer_wakeup.park()  # an urgent `clear` may arrive meanwhile
+            self._alarm = self._metronome.alarm(due)
+            try:
+                await self._alarm.wait()  # an urgent `clear` rings it early
+            finally:
+                self._alarm = None
             if self._urgent or not self._items or not isinstance(self._items[0], bytes):
                 return
         frame = self._take_frame()
         if trio.current_time() - due > self._max_lag_s:
             self.drops += 1  # the link stalled: stale audio is worse than a gap
         else:
-            late_ms = int((trio.current_time() - due) * 1000)
+            late_ms = int((trio.current_time() - max(due, self._refilled_at)) * 1000)
             self._lateness_ms[min(max(late_ms, 0), _LATE_BINS - 1)] += 1
             await self._send(self._render_media(frame))
             self.frames_sent += 1

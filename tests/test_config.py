@@ -126,6 +126,8 @@ def test_config_is_immutable(config):
     ({"server.port": "8080"}, "server.port: expected int"),
     ({"server.path": "media"}, "server.path: expected string like /path"),
     ({"server.log_level": "debug"}, "server.log_level: expected one of DEBUG, INFO"),
+    ({"server.media_timeout_ms": 0}, "server.media_timeout_ms: expected int ≥ 1, got 0"),
+    ({"server.media_timeout_ms": 2.5}, "server.media_timeout_ms: expected int"),
     ({"audio.tx_lead_frames": 121}, "audio.tx_lead_frames: must be ≤ audio.tx_queue_frames (120), got 121"),
     ({"audio.tx_queue_frames": 0}, "audio.tx_queue_frames: expected int ≥ 1"),
     ({"vad.aggressiveness": 4}, "vad.aggressiveness: expected int in 0..3, got 4"),
@@ -267,6 +269,7 @@ def test_historical_variable_overrides_its_key(var, text, section, key, expected
     ("AGENTD__SERVER__TELEMETRY_DIR", "/var/lib/agentd/telemetry", "server", "telemetry_dir",
      "/var/lib/agentd/telemetry"),
     ("agentd__server__port".upper(), " 0 ", "server", "port", 0),
+    ("AGENTD__SERVER__MEDIA_TIMEOUT_MS", "2000", "server", "media_timeout_ms", 2000),
 ])
 def test_generic_variable_overrides_its_key(var, text, section, key, expected):
     cfg = load_config(None, env={var: text})
@@ -300,6 +303,8 @@ def test_booleans_from_the_environment(text, expected):
     ({"AGENTD__AUDIO__TX_LEAD_FRAMES": "500"},
      "audio.tx_lead_frames (from env AGENTD__AUDIO__TX_LEAD_FRAMES): must be ≤ audio.tx_queue_frames"),
     ({"AGENTD__STT__BATCHMS": "60"}, "AGENTD__STT__BATCHMS: unknown key stt.batchms"),
+    ({"AGENTD__SERVER__MEDIA_TIMEOUT_MS": "-1"},
+     "server.media_timeout_ms (from env AGENTD__SERVER__MEDIA_TIMEOUT_MS): expected int ≥ 1, got -1"),
     ({"AGENTD__TWILIO__URL": "x"}, "AGENTD__TWILIO__URL: expected AGENTD__SECTION__KEY"),
     ({"AGENTD__BUSINESSES__ACME__VOICE": "x"}, "AGENTD__BUSINESSES__ACME__VOICE: expected AGENTD__SECTION__KEY"),
     ({"AGENTD__LLM__API_KEY": "sk-123"}, "AGENTD__LLM__API_KEY: secrets are not config"),

@@ -4,7 +4,7 @@
   test's Trio run. Each fault scenario gets its own rig, because localcloud's
   faults are global to it; scenarios can then run side by side.
 * `TwilioSide`: Twilio's end of one Media Stream, driven by the test step by
-  step (speak now, hang up now, drop the line now, never echo marks). The
+  step (speak now, hang up now, drop the line now, go quiet now, never echo marks). The
   scripted softphone (`place_call`) is used wherever its script is enough.
 * `Resources`: what a finished call must hand back -- Trio tasks, threads,
   localcloud's gRPC streams and chat requests.
@@ -16,6 +16,7 @@ replies are kept short and the greeting is one word.
 from __future__ import annotations
 
 import functools
+import re
 import threading
 from collections import deque
 from collections.abc import AsyncIterator, Callable
@@ -137,8 +138,8 @@ class TwilioSide:
     queued with `say`, else line silence) and plays the agent's audio through a
     `PlaybackBuffer`, echoing each mark when playback reaches it and every
     pending mark on `clear` -- unless `echo_marks` is False. Unlike the
-    softphone it has no script: the test says when to speak, hang up or drop
-    the line, and waits (`wait_until`) on what this side observed.
+    softphone it has no script: the test says when to speak, hang up, drop
+    the line or go quiet, and waits (`wait_until`) on what this side observed.
     Times are slot numbers (20 ms each) since `start`.
     """
 
@@ -153,12 +154,14 @@ class TwilioSide:
         self.echoed_by_clear: list[str] = []  # the subset echoed because of a `clear`
         self.clears: list[int] = []  # slot of each `clear`
         self.close_code: int | None = None  # how the agent closed the socket, once it has
+        self.close_reason: str | None = None
         self._buffer = PlaybackBuffer()
         self._caller: deque[bytes] = deque()
         self._changed = trio.Event()
         self._lock = trio.Lock()
         self._sequence = 0
         self._stopped = False
+        self._quiet = False
         self._ws: trio_websocket.WebSocketConnection | None = None
         self._tcp: trio.SocketStream | None = None
 
@@ -215,6 +218,12 @@ class TwilioSide:
         """Send `stop` (the caller hung up) and stop sending media."""
         self._stopped = True
         await self._send(lambda seq: twilio.render_stop(self.stream_sid, self.call_sid, "ACfault", seq))
+
+    def go_quiet(self) -> None:
+        """The line goes half-open: from now on this side sends nothing at all (no media, no
+        mark echoes) yet never closes the socket, as a peer that vanished without a FIN.
+        It still reads, to see how the agent ends the call."""
+        self._stopped = self._quiet = True
 
     async def drop(self) -> None:
         """The line drops: the TCP connection closes with no WebSocket close handshake."""
@@ -279,7 +288,7 @@ class TwilioSide:
                     await self._echo(pending)
                 self._notify()
         except trio_websocket.ConnectionClosed as closed:
-            self.close_code = closed.reason.code
+            self.close_code, self.close_reason = closed.reason.code, closed.reason.reason
             self._notify()
 
     async def _echo(self, names: tuple[str, ...]) -> None:
@@ -291,6 +300,8 @@ class TwilioSide:
 
     async def _send(self, render: Callable[[int], str]) -> None:
         assert self._ws is not None
+        if self._quiet:
+            return
         async with self._lock:
             self._sequence += 1
             try:
@@ -340,8 +351,17 @@ class Resources:
     @classmethod
     def now(cls, cloud: LocalCloud) -> Resources:
         stats = cloud.stats()
-        return cls(tasks=_trio_tasks(), threads=threading.active_count(),
+        return cls(tasks=_trio_tasks(), threads=_busy_threads(),
                    stt_streams=stats["active_streams"], chat_requests=stats["active_chats"])
+
+
+_IDLE_TRIO_WORKER = re.compile(r"Trio thread \d+")  # a busy worker is named after its job
+
+
+def _busy_threads() -> int:
+    """Threads alive now, less the idle workers of Trio's thread cache: those hold nothing
+    and retire on their own 10 s after their last job, possibly in the middle of a test."""
+    return sum(1 for thread in threading.enumerate() if not _IDLE_TRIO_WORKER.fullmatch(thread.name))
 
 
 def _trio_tasks() -> int:

@@ -3,8 +3,8 @@
 `TwilioSide` (test_faults_rig) plays Twilio: the test decides when the caller
 speaks, hangs up or loses the line, and whether marks come back. It waits on
 what it observed (agent audio played, marks sent), never on a stopwatch; the
-one time bound is the spec's own: a call gives back everything it held
-within 1 s of ending.
+time bounds are the spec's own: a call gives back everything it held within
+1 s of ending, and a line with no message for `server.media_timeout_ms` is ended.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from test_faults_rig import (
     OPEN_LINE,
     OPEN_REPLY,
     PRICE_LINE,
+    PRICE_REPLY,
     Resources,
     caller_voices,
     fault_config,
@@ -25,6 +26,8 @@ from test_faults_rig import (
     open_twilio_side,
     wait_until_released,
 )
+
+from agentd.softphone_playback import SLOT_MS
 
 
 @pytest.fixture(scope="module")
@@ -73,6 +76,55 @@ async def test_a_stop_mid_turn_ends_the_call_and_its_pending_llm_request(base_co
     assert released == baseline, "the chat request, the STT stream and every task end within 1 s of `stop`"
     assert side.close_code == 1000, "the agent closed the socket normally"
     assert call["states"][-1] == "ENDED" and "SPEAKING" not in call["states"], "nothing was said after `stop`"
+
+
+# ----------------------------------------------- the line goes quiet, never closed ---
+
+QUIET_MS = 1000  # server.media_timeout_ms here: short, yet far above any scheduling hiccup of the 20 ms line
+
+
+async def test_when_twilio_goes_quiet_mid_reply_the_agent_ends_the_call(base_config, voices, caplog):
+    # A half-open connection: Twilio's side sends nothing more, yet the socket never closes.
+    config = fault_config(base_config, **{"server.media_timeout_ms": QUIET_MS})
+    async with open_rig(config, (PRICE_LINE,)) as rig:
+        with trio.fail_after(GUARD_S):
+            baseline = Resources.now(rig.cloud)
+            async with open_twilio_side(rig.url) as side:
+                await side.wait_for_reply(since=0)
+                turn_at = side.slot
+                side.say(voices["price"].audio)
+                await side.wait_until(lambda: side.played_since(turn_at) >= 10)  # 200 ms into the reply
+                side.go_quiet()
+                with trio.move_on_after(10 * QUIET_MS / 1000):  # a bound, so a missing watchdog fails fast
+                    await side.wait_until(lambda: side.close_code is not None)
+            released = await wait_until_released(rig.cloud, baseline)
+            call = await rig.call_record(side.call_sid)
+
+    assert (side.close_code, side.close_reason) == (1000, f"no media for {QUIET_MS} ms"), "the agent ends the call"
+    assert released == baseline, "tasks, threads, the STT stream and the chat request are gone"
+    assert call["end_reason"] == f"no media for {QUIET_MS} ms"
+    assert call["states"][-2:] == ["SPEAKING", "ENDED"], "the line went quiet while the agent spoke"
+    [why] = [r for r in caplog.records if r.getMessage().startswith(f"call={side.call_sid} ended:")]
+    assert why.levelname == "WARNING" and f"no message from Twilio for {QUIET_MS} ms" in why.getMessage()
+
+
+async def test_a_silent_caller_during_a_long_reply_keeps_the_call(base_config, voices):
+    # Twilio streams line silence every 20 ms while the agent talks: that is a live line.
+    config = fault_config(base_config, **{"server.media_timeout_ms": QUIET_MS})
+    async with open_rig(config, (PRICE_LINE,)) as rig:
+        with trio.fail_after(GUARD_S):
+            async with open_twilio_side(rig.url) as side:
+                await side.wait_for_reply(since=0)
+                turn_at = await side.speak(voices["price"].audio)
+                await side.wait_for_reply(since=turn_at)  # the whole reply, then 700 ms of quiet
+                still_open = side.close_code is None
+            call = await rig.call_record(side.call_sid)
+            [turn] = rig.turns(side.call_sid)
+
+    assert side.played_since(turn_at) * SLOT_MS > 3 * QUIET_MS, "the reply lasted several media timeouts"
+    assert still_open, f"the agent hung up on a live line: {side.close_reason}"
+    assert turn["reply_text"] == PRICE_REPLY and not turn["interrupted"]
+    assert call["end_reason"] == "stop", "the caller hung up, not the agent"
 
 
 # ------------------------------------------------------------- marks never return ---

@@ -17,6 +17,7 @@ import logging
 import pytest
 import trio
 import trio_websocket
+from agent_harness import call_record
 
 from agentd import server as server_module
 from agentd import softphone
@@ -191,11 +192,12 @@ def agent_config(cloud, monkeypatch, tmp_path):
 
 
 @contextlib.asynccontextmanager
-async def running_agent(config):
-    """Serve `config` for the block; yields the URL to dial."""
+async def running_agent(config, records: list[dict] | None = None):
+    """Serve `config` for the block; yields the URL to dial. Turn and call records go to `records`."""
     with trio.fail_after(GUARD_S):
         async with trio.open_nursery() as nursery:
-            server = await nursery.start(functools.partial(serve, config))
+            observers = [records.append] if records is not None else []
+            server = await nursery.start(functools.partial(serve, config, observers=observers))
             yield f"ws://127.0.0.1:{server.port}{config.server.path}"
             nursery.cancel_scope.cancel()
 
@@ -326,12 +328,14 @@ async def test_an_oversized_message_closes_only_that_call(agent_config):
 
 async def test_a_call_past_max_call_duration_is_ended_by_the_agent(agent_config, caplog):
     config = agent_config(**{"server.max_call_duration_s": 1})
-    async with running_agent(config) as url:
+    records: list[dict] = []
+    async with running_agent(config, records) as url:
         # The caller would stay on the line for 30 s of quiet after the greeting.
         report = await place_call(url, [], settle_ms=30_000)
     assert report.ended_by == "agent"
     assert "code=1000" in report.close_detail and "call duration limit" in report.close_detail
     assert f"call={report.call_sid} ended: server.max_call_duration_s" in caplog.text
+    assert call_record(records, report.call_sid)["end_reason"] == "call duration limit"
 
 
 async def test_a_socket_that_never_sends_start_is_closed(agent_config, monkeypatch):

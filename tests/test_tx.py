@@ -8,9 +8,12 @@ so the tests can say exactly which frame went out when.
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import trio
 
+from agentd.metronome import Metronome
 from agentd.tx import TxQueue
 
 FRAME_S = 0.02
@@ -62,7 +65,9 @@ def times(start: float, *offsets: float) -> list[float]:
 
 
 async def started(nursery: trio.Nursery, wire: Wire, **options) -> TxQueue:
-    tx = TxQueue(wire.send, render, **options)
+    metronome = Metronome()
+    await nursery.start(metronome.run)
+    tx = TxQueue(wire.send, render, metronome=metronome, **options)
     await nursery.start(tx.run)
     return tx
 
@@ -249,12 +254,52 @@ async def test_pacing_lateness_is_summarized_per_call(autojump_clock):
     async def send(message: str) -> None:
         sent.append((trio.current_time(), message))
 
-    tx = TxQueue(send, lambda frame: "media", capacity_frames=10, lead_frames=2)
+    metronome = Metronome()
+    tx = TxQueue(send, lambda frame: "media", metronome=metronome, capacity_frames=10, lead_frames=2)
     assert tx.lateness_summary() == {}
     async with trio.open_nursery() as nursery:
+        await nursery.start(metronome.run)
         await nursery.start(tx.run)
         await tx.put_frames([b"\xff" * 160] * 6, epoch=tx.epoch)
         await trio.sleep(1)
         nursery.cancel_scope.cancel()
     assert tx.frames_sent == 6
     assert tx.lateness_summary() == {"p50": 0, "p99": 0, "max": 0}  # a virtual clock is never late
+
+
+async def test_a_burst_that_starts_between_metronome_ticks_sends_its_lead_at_once_and_paces_on_the_grid(autojump_clock):
+    wire = Wire()
+    with trio.fail_after(GUARD_S):
+        async with trio.open_nursery() as nursery:
+            tx = await started(nursery, wire, lead_frames=2)
+            await trio.sleep(0.0123)  # off the 5 ms grid
+            t0 = trio.current_time()
+            await tx.put_frames(frames(0, 5), epoch=tx.epoch)
+            await trio.sleep(PLENTY_S)
+            nursery.cancel_scope.cancel()
+
+    sent_at = [at for at, _ in wire.sent]
+    assert sent_at[:2] == times(t0, 0, 0), "the lead does not wait for a tick"
+    grid_t0 = math.ceil(t0 / 0.005) * 0.005  # the first 5 ms tick after t0
+    assert sent_at[2:] == [pytest.approx(grid_t0 + FRAME_S * k) for k in (1, 2, 3)]
+
+
+async def test_a_producer_gap_within_the_lead_is_not_counted_as_pacing_lateness(autojump_clock):
+    sent: list[tuple[float, str]] = []
+
+    async def send(message: str) -> None:
+        sent.append((trio.current_time(), message))
+
+    metronome = Metronome()
+    tx = TxQueue(send, lambda frame: "media", metronome=metronome, lead_frames=5)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(metronome.run)
+        await nursery.start(tx.run)
+        await tx.put_frames([b"\xff" * 160] * 6, epoch=tx.epoch)  # the 6th frame is due at +20 ms
+        await trio.sleep(0.07)  # the next sentence's audio comes 50 ms after its first frame was due
+        await tx.put_frames([b"\xff" * 160] * 3, epoch=tx.epoch)
+        await trio.sleep(1)
+        nursery.cancel_scope.cancel()
+    assert tx.frames_sent == 9
+    assert sent[6][0] - sent[0][0] == pytest.approx(0.07), "the late frame goes as soon as it arrives, on the old schedule"
+    assert tx.lateness_summary()["max"] == 0, "the pacer sent it the moment it could"
