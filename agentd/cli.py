@@ -25,6 +25,7 @@ def _serve(argv: list[str]) -> int:
     from agentd.config import config_summary, load_config
     from agentd.errors import ConfigError
     from agentd.server import serve
+    from google.auth.exceptions import DefaultCredentialsError
 
     parser = argparse.ArgumentParser(prog="agentd serve", description=_COMMANDS["serve"])
     parser.add_argument("--config", default=None, help="path to agentd.toml (default: etc/agentd.toml)")
@@ -36,14 +37,18 @@ def _serve(argv: list[str]) -> int:
         return 2
     setup_logging(config.server.log_level)
     logging.getLogger("agentd").info("config:\n%s", config_summary(config))
+    status = 0
     try:
         trio.run(serve, config)
-    except ConfigError as exc:  # e.g. a check enabled without its secret
-        print(f"agentd: invalid configuration: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        return 0
-    return 0
+    except* ConfigError as group:  # e.g. a check enabled without its secret
+        print(f"agentd: invalid configuration: {group.exceptions[0]}", file=sys.stderr)
+        status = 2
+    except* DefaultCredentialsError as group:  # TLS endpoints need Google credentials
+        print(f"agentd: no Google credentials: {group.exceptions[0]}", file=sys.stderr)
+        status = 2
+    except* KeyboardInterrupt:  # Ctrl-C arrives from inside serve's nursery, wrapped in a group
+        pass
+    return status
 
 
 def main(argv: list[str] | None = None) -> int:

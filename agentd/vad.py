@@ -127,6 +127,10 @@ class VoiceActivity:
         self._hangover_frames = math.ceil(settings.hangover_ms / settings.frame_ms)
         rms_floor = 32768 * 10 ** (settings.energy_floor_dbfs / 20)
         self._energy_floor = self._frame_bytes * rms_floor**2  # sum of squares at the floor
+        # Codes quieter than the floor: a frame made only of them is below it, whatever their mix,
+        # and bytes.translate finds that in C in a fraction of the gate's numpy cost (silence and
+        # the comfort noise of a quiet line are most frames of most calls).
+        self._quiet_codes = bytes(code for code in range(256) if abs(int(_LINEAR[code])) < rms_floor)
         self._warmup_left = math.ceil(_WARMUP_MS / settings.frame_ms)
         # Bytes of an incomplete frame carried to the next chunk, and their time.
         self._pending = bytearray()
@@ -199,6 +203,8 @@ class VoiceActivity:
 
     def _is_voiced(self, frame: bytes) -> bool:
         """Energy gate, then webrtcvad, whose first verdicts are ignored (warm-up)."""
+        if not frame.translate(None, self._quiet_codes):
+            return False
         codes = np.frombuffer(frame, dtype=np.uint8)
         if _SQUARED.take(codes).sum() < self._energy_floor:
             return False
