@@ -37,11 +37,10 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Self
+from typing import Any
 
 from agentd.caller_audio import synthesize_caller_turns
 from agentd.config import load_config
@@ -75,8 +74,8 @@ class Agentd:
 
 
 def start_agentd(lc: common.LocalCloudProcess, run_dir: Path, *, max_calls: int, config_path: str | None,
-                 gc_log: Path | None, gc_freeze: bool = False) -> Agentd:
-    """`agentd serve` on core 0 with environment overrides; returns once it listens.
+                 gc_log: Path | None, gc_freeze: bool = False, cpu: int | None = AGENTD_CPU) -> Agentd:
+    """`agentd serve` on core `cpu` (None: unpinned) with environment overrides; returns once it listens.
 
     With `gc_log`, agentd runs under bench.gcwatch, which logs its long garbage collections there
     (and with `gc_freeze` calls gc.freeze() after agentd's imports: an experiment, not agentd's behaviour).
@@ -91,7 +90,7 @@ def start_agentd(lc: common.LocalCloudProcess, run_dir: Path, *, max_calls: int,
     if gc_log is not None:
         command[1:3] = ["-m", "bench.gcwatch", str(gc_log)] + (["--freeze"] if gc_freeze else [])
     with open(run_dir / "agentd.log", "ab") as log_file:
-        process = subprocess.Popen(common.pinned(command, AGENTD_CPU), cwd=common.REPO, env=env,
+        process = subprocess.Popen(common.pinned(command, cpu), cwd=common.REPO, env=env,
                                    stdout=log_file, stderr=log_file)
     try:
         common.wait_for_port(port, process, timeout_s=60)
@@ -101,41 +100,20 @@ def start_agentd(lc: common.LocalCloudProcess, run_dir: Path, *, max_calls: int,
     return Agentd(process=process, port=port, telemetry_dir=telemetry, gc_log=gc_log)
 
 
-# -- sampling the agentd process while a load runs -------------------------------------------------
-
-
-@dataclass
-class Sampler:
-    """Samples agentd's VmRSS every SAMPLE_S seconds in a thread, until stopped."""
-
-    pid: int
-    peak_rss_kb: int = 0
-    samples: int = 0
-    _stop: threading.Event = field(default_factory=threading.Event)
-
-    def __enter__(self) -> Self:
-        self._thread = threading.Thread(target=self._run, name="rss-sampler", daemon=True)
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self._stop.set()
-        self._thread.join()
-
-    def _run(self) -> None:
-        while not self._stop.wait(SAMPLE_S):
-            self.peak_rss_kb = max(self.peak_rss_kb, common.rss_kb(self.pid))
-            self.samples += 1
-
-
 # -- softphone workers ---------------------------------------------------------------------------------
 
 
 def run_softphones(url: str, wavs: list[Path], run_dir: Path, tag: str, *, calls: int, rate: float,
-                   per_process: int, sequential: bool = False) -> list[dict]:
-    """Place `calls` calls from ceil(calls / per_process) softphone processes on core 1; their JSON results."""
+                   per_process: int, sequential: bool = False, start_at: float | None = None,
+                   until: float | None = None, cpu: int | None = CLOUD_CPU) -> list[dict]:
+    """Place `calls` calls from ceil(calls / per_process) softphone processes on core `cpu`; their JSON results.
+
+    The first call starts at wall-clock `start_at` (default: in 3 s). With `until` (wall-clock), each
+    of the `calls` slots places calls back to back until then (bench.softphones --until).
+    """
     workers = max(1, -(-calls // per_process))
-    start_at = time.time() + 3.0  # every worker has imported and loaded its WAVs by then
+    if start_at is None:
+        start_at = time.time() + 3.0  # every worker has imported and loaded its WAVs by then
     children = []
     for w in range(workers):
         count = len(range(w, calls, workers))
@@ -143,18 +121,26 @@ def run_softphones(url: str, wavs: list[Path], run_dir: Path, tag: str, *, calls
         command = [common.PYTHON, "-m", "bench.softphones", "--url", url, "--calls", str(count),
                    "--start-at", str(start_at + w / rate), "--interval-s", str(workers / rate), "--out", str(out)]
         command += [arg for wav in wavs for arg in ("--wav", str(wav))] + (["--sequential"] if sequential else [])
-        children.append((subprocess.Popen(common.pinned(command, CLOUD_CPU), cwd=common.REPO), out))
+        command += [] if until is None else ["--until", str(until)]
+        children.append((subprocess.Popen(common.pinned(command, cpu), cwd=common.REPO), out))
     results = []
-    budget_s = calls * softphones.CALL_TIMEOUT_S if sequential else calls / rate + softphones.CALL_TIMEOUT_S
-    deadline = time.monotonic() + 3.0 + budget_s + 60
-    for child, out in children:
-        try:
-            child.wait(max(1.0, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
+    if until is not None:
+        budget_s = max(until - start_at, calls / rate) + softphones.CALL_TIMEOUT_S
+    else:
+        budget_s = calls * softphones.CALL_TIMEOUT_S if sequential else calls / rate + softphones.CALL_TIMEOUT_S
+    deadline = time.monotonic() + (start_at - time.time()) + budget_s + 60
+    try:
+        for child, out in children:
+            try:
+                child.wait(max(1.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                common.stop_child(child)
+            if child.returncode != 0 or not out.exists():
+                raise RuntimeError(f"softphone worker failed (exit {child.returncode}); see {out}")
+            results.append(json.loads(out.read_text()))
+    finally:  # one worker failed, or Ctrl-C: the others stop too
+        for child, _ in children:
             common.stop_child(child)
-        if child.returncode != 0 or not out.exists():
-            raise RuntimeError(f"softphone worker failed (exit {child.returncode}); see {out}")
-        results.append(json.loads(out.read_text()))
     return results
 
 
@@ -218,14 +204,14 @@ def run_load(agentd: Agentd, lc: common.LocalCloudProcess, wavs: list[Path], run
         profiler = profile.Profiler(agentd.pid, delay_s=3 + calls / args.rate + 3, duration_s=profile_s,
                                     out=run_dir / f"py-spy-{tag}.txt", cpu=CLOUD_CPU).start()
     before, started = Readings.take(agentd, lc), time.time()
-    with Sampler(agentd.pid) as sampler:
+    with common.Sampler(lambda: common.rss_kb(agentd.pid), SAMPLE_S) as rss:
         workers = run_softphones(agentd.url, wavs, run_dir, tag, calls=calls, rate=args.rate,
                                  per_process=args.calls_per_softphone, sequential=sequential)
         time.sleep(1.5)  # agentd writes its last call records in batches
     after = Readings.take(agentd, lc)
     call_sids = {c["call_sid"] for w in workers for c in w["calls"] if c.get("call_sid")}
     result = analyse_load(
-        label=tag, calls=calls, workers=workers, idle_rss_kb=idle_rss_kb, peak_rss_kb=sampler.peak_rss_kb,
+        label=tag, calls=calls, workers=workers, idle_rss_kb=idle_rss_kb, peak_rss_kb=max(rss.samples, default=0),
         call_records=read_records(agentd.telemetry_dir, "calls", call_sids),
         turn_records=read_records(agentd.telemetry_dir, "turns", call_sids), **usage(before, after, workers),
         gc_pauses_ms=None if agentd.gc_log is None else

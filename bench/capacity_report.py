@@ -31,7 +31,7 @@ class LoadResult:
     v2v_ms: list[float]  # turns spoken while every call was up (all turns for the single-call run)
     v2v_all_ms: list[float]
     greeting_ms: list[float]
-    lateness_ms: dict[str, float | None]  # p50 / p99 / max over calls (see `_lateness`)
+    lateness_ms: dict[str, float | None]  # p50 / p99 / max over calls (see `tx_lateness`)
     frames_sent: int | None
     tx_drops: int
     agentd_records: int
@@ -68,7 +68,7 @@ class LoadResult:
                                "rss_mb_per_call": self.rss_mb_per_call}
 
 
-def _failure(call: dict) -> str | None:
+def call_failure(call: dict) -> str | None:
     """Why a softphone call counts as failed, or None."""
     if call.get("error"):
         return call["error"]
@@ -101,7 +101,7 @@ def _turn_v2v(calls: list[dict], window: tuple[float, float] | None) -> list[flo
     return values
 
 
-def _lateness(call_records: list[dict]) -> dict[str, float | None]:
+def tx_lateness(call_records: list[dict]) -> dict[str, float | None]:
     """Aggregate agentd's per-call tx_lateness_ms {p50, p99, max}.
 
     The records carry per-call percentiles, not samples, so: p50 = median of
@@ -132,7 +132,7 @@ def analyse_load(*, label: str, calls: int, workers: list[dict], call_records: l
                  agentd_main_thread_waited_s: float, gc_pauses_ms: list[float] | None = None) -> LoadResult:
     """Turn one load's raw facts into its figures."""
     placed = [c for w in workers for c in w["calls"]]
-    failures = [f for f in map(_failure, placed) if f]
+    failures = [f for f in map(call_failure, placed) if f]
     answered = [c for c in placed if not c.get("error")]
     window = _full_load_window(answered) if label != "single" else None
     calling_s = max((w["wall_s"] for w in workers), default=wall_s) or wall_s
@@ -144,7 +144,7 @@ def analyse_load(*, label: str, calls: int, workers: list[dict], call_records: l
         full_load_s=max(0.0, window[1] - window[0]) if window else 0.0,
         v2v_ms=_turn_v2v(answered, window), v2v_all_ms=_turn_v2v(answered, None),
         greeting_ms=[c["greeting_ms"] for c in answered if c.get("greeting_ms") is not None],
-        lateness_ms=_lateness(call_records), frames_sent=sum(frames) if frames else None,
+        lateness_ms=tx_lateness(call_records), frames_sent=sum(frames) if frames else None,
         tx_drops=sum(r.get("tx_drops", 0) for r in call_records), agentd_records=len(call_records),
         agentd_cpu_s=agentd_cpu_s, agentd_cpu_pct=100 * agentd_cpu_s / calling_s,
         call_minutes=sum(c.get("total_call_ms", 0) for c in answered) / 60000,

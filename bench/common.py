@@ -28,11 +28,12 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Self
+from typing import Generic, Self, TypeVar
 
 import numpy as np
 
@@ -305,6 +306,43 @@ def wait_for_quiet(max_wait_s: float, threshold_pct: float = 20.0) -> float:
         time.sleep(10)
         load = background_load_pct()
     return load
+
+
+T = TypeVar("T")
+
+
+class Sampler(Generic[T]):
+    """``with Sampler(read, period_s) as s:`` calls `read()` every `period_s` in a thread; `s.samples` holds the results.
+
+    `on_sample` (optional) gets each one as it comes. Sampling stops early, with the reason in `lost`,
+    when `read` raises OSError or RuntimeError: the process it reads has gone (or is a zombie).
+    """
+
+    def __init__(self, read: Callable[[], T], period_s: float, on_sample: Callable[[T], None] | None = None):
+        self.samples: list[T] = []
+        self.lost = ""
+        self._read, self._period_s, self._on_sample = read, period_s, on_sample
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="bench-sampler", daemon=True)
+
+    def __enter__(self) -> Self:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self._period_s):
+            try:
+                sample = self._read()
+            except (OSError, RuntimeError) as exc:
+                self.lost = repr(exc)
+                return
+            self.samples.append(sample)
+            if self._on_sample is not None:
+                self._on_sample(sample)
 
 
 def runqueue_wait_s(pid: int, tid: int | None = None) -> float:

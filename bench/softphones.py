@@ -1,9 +1,12 @@
-"""``python -m bench.softphones``: one process of softphones for bench.capacity (a worker, not a benchmark).
+"""``python -m bench.softphones``: one process of softphones for bench.capacity and bench.soak (a worker).
 
 It places ``--calls`` calls to one agentd URL from one Trio loop. Call i starts
 at wall-clock time ``--start-at + i * --interval-s`` (so several workers can
 interleave their calls on one schedule); ``--sequential`` places them one
-after another instead. Every call speaks the same WAV turns, in order.
+after another instead. With ``--until`` (bench.soak) each of the ``--calls``
+slots starts on that schedule and then places calls back to back until that
+wall-clock time, so about ``--calls`` calls are always up; the last ones end
+after it. Every call speaks the same WAV turns, in order.
 
 Because the softphones share a CPU core with localcloud, the worker also
 measures its own health: the lag of a 10 ms Trio sleep (a loop that falls
@@ -32,6 +35,7 @@ from bench import common
 
 CALL_TIMEOUT_S = 240.0
 LAG_PROBE_S = 0.01
+MIN_CALL_PERIOD_S = 1.0  # --until: a slot whose calls fail at once retries at most this often
 
 
 def summarize(report: CallReport, started_at: float) -> dict:
@@ -47,6 +51,19 @@ def summarize(report: CallReport, started_at: float) -> dict:
 
 async def _call_at(url: str, turns: list[CallerTurn], start_at: float, results: list[dict]) -> None:
     await trio.sleep(max(0.0, start_at - time.time()))
+    await _place(url, turns, results)
+
+
+async def _calls_until(url: str, turns: list[CallerTurn], start_at: float, until: float, results: list[dict]) -> None:
+    """One slot: from `start_at`, place calls back to back while the wall clock is before `until`."""
+    await trio.sleep(max(0.0, start_at - time.time()))
+    while (started := time.time()) < until:
+        await _place(url, turns, results)
+        await trio.sleep(max(0.0, started + MIN_CALL_PERIOD_S - time.time()))
+
+
+async def _place(url: str, turns: list[CallerTurn], results: list[dict]) -> None:
+    """Place one call now; append its summary (or its error) to `results`."""
     started_at = time.time()
     with trio.move_on_after(CALL_TIMEOUT_S) as guard:
         try:
@@ -79,7 +96,11 @@ async def run_calls(args: argparse.Namespace, turns: list[CallerTurn]) -> dict:
         else:
             async with trio.open_nursery() as calls:
                 for index in range(args.calls):
-                    calls.start_soon(_call_at, args.url, turns, args.start_at + index * args.interval_s, results)
+                    at = args.start_at + index * args.interval_s
+                    if args.until is None:
+                        calls.start_soon(_call_at, args.url, turns, at, results)
+                    else:
+                        calls.start_soon(_calls_until, args.url, turns, at, args.until, results)
         done.set()
     return {"calls": results, "loop_lag_ms": {q: common.percentile(lags, q) for q in (50, 99, 100)}}
 
@@ -97,6 +118,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--start-at", type=float, default=0.0, help="wall-clock time (time.time()) of call 0")
     parser.add_argument("--interval-s", type=float, default=0.1)
     parser.add_argument("--sequential", action="store_true")
+    parser.add_argument("--until", type=float, help="wall-clock time: each call slot places calls back to back "
+                                                    "until then (--calls is then the number of slots)")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.ERROR)
