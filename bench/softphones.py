@@ -29,6 +29,7 @@ from pathlib import Path
 import trio
 
 from agentd.errors import UpstreamUnavailable
+from agentd.metronome import Metronome
 from agentd.softphone import CallReport, place_call
 from agentd.softphone_script import CallerTurn
 from bench import common
@@ -49,25 +50,27 @@ def summarize(report: CallReport, started_at: float) -> dict:
     }
 
 
-async def _call_at(url: str, turns: list[CallerTurn], start_at: float, results: list[dict]) -> None:
+async def _call_at(url: str, turns: list[CallerTurn], start_at: float, results: list[dict],
+                   metronome: Metronome) -> None:
     await trio.sleep(max(0.0, start_at - time.time()))
-    await _place(url, turns, results)
+    await _place(url, turns, results, metronome)
 
 
-async def _calls_until(url: str, turns: list[CallerTurn], start_at: float, until: float, results: list[dict]) -> None:
+async def _calls_until(url: str, turns: list[CallerTurn], start_at: float, until: float, results: list[dict],
+                       metronome: Metronome) -> None:
     """One slot: from `start_at`, place calls back to back while the wall clock is before `until`."""
     await trio.sleep(max(0.0, start_at - time.time()))
     while (started := time.time()) < until:
-        await _place(url, turns, results)
+        await _place(url, turns, results, metronome)
         await trio.sleep(max(0.0, started + MIN_CALL_PERIOD_S - time.time()))
 
 
-async def _place(url: str, turns: list[CallerTurn], results: list[dict]) -> None:
+async def _place(url: str, turns: list[CallerTurn], results: list[dict], metronome: Metronome) -> None:
     """Place one call now; append its summary (or its error) to `results`."""
     started_at = time.time()
     with trio.move_on_after(CALL_TIMEOUT_S) as guard:
         try:
-            report = await place_call(url, turns, business=common.BUSINESS)
+            report = await place_call(url, turns, business=common.BUSINESS, metronome=metronome)
         except UpstreamUnavailable as exc:
             results.append({"started_at": started_at, "error": str(exc), "turns": []})
             return
@@ -88,20 +91,23 @@ async def run_calls(args: argparse.Namespace, turns: list[CallerTurn]) -> dict:
     results: list[dict] = []
     lags: list[float] = []
     done = trio.Event()
+    metronome = Metronome()  # every slot of every call waits on it, not on a Trio sleep of its own
     async with trio.open_nursery() as nursery:
         nursery.start_soon(_probe_lag, lags, done)
+        await nursery.start(metronome.run)
         if args.sequential:
             for _ in range(args.calls):
-                await _call_at(args.url, turns, args.start_at, results)
+                await _call_at(args.url, turns, args.start_at, results, metronome)
         else:
             async with trio.open_nursery() as calls:
                 for index in range(args.calls):
                     at = args.start_at + index * args.interval_s
                     if args.until is None:
-                        calls.start_soon(_call_at, args.url, turns, at, results)
+                        calls.start_soon(_call_at, args.url, turns, at, results, metronome)
                     else:
-                        calls.start_soon(_calls_until, args.url, turns, at, args.until, results)
+                        calls.start_soon(_calls_until, args.url, turns, at, args.until, results, metronome)
         done.set()
+        nursery.cancel_scope.cancel()  # the metronome
     return {"calls": results, "loop_lag_ms": {q: common.percentile(lags, q) for q in (50, 99, 100)}}
 
 
