@@ -104,7 +104,11 @@ class Call:
         self.history: list[tuple[str, str]] = []
         self._timelines: dict[int, telemetry.TurnTimeline] = {0: telemetry.TurnTimeline()}
         self._timelines[0].stamp("ws_connected", self.t0)
-        self._pending = telemetry.TurnTimeline()
+        # Transcript results arrive between turns too (a late final for the last turn's audio, noise):
+        # the first partial and the first final after each start of speech, and when each came.
+        # A turn takes the first of each that came after its speech began.
+        self._results_at: list[tuple[str, float]] = []
+        self._results_seen: set[str] = set()
         self._jobs: dict[int, ReplyJob] = {}
         self._turn_facts: dict[int, dict] = {}
         self._turns_taken = 0
@@ -270,10 +274,13 @@ class Call:
 
     def _dispatch(self, event: fsm.Event) -> None:
         """Feed one event to the FSM and carry out its actions (synchronously)."""
-        if isinstance(event, fsm.Partial):
-            self._pending.stamp("first_partial", event.at)
-        elif isinstance(event, fsm.Final):
-            self._pending.stamp("final_text", event.at)
+        if isinstance(event, fsm.SpeechStarted):
+            self._results_seen.clear()
+        elif isinstance(event, (fsm.Partial, fsm.Final)):
+            name = "first_partial" if isinstance(event, fsm.Partial) else "final_text"
+            if name not in self._results_seen:
+                self._results_seen.add(name)
+                self._results_at.append((name, event.at))
         before, spec_before = self.fsm.state, dict(self.fsm.spec_counts)
         actions = self.fsm.handle(event)
         self._note_speculation(spec_before)
@@ -362,13 +369,13 @@ class Call:
 
     def _take_turn(self, reply: int, text: str, speech_start_at: float, speech_end_at: float) -> None:
         """Reply ``reply`` answers the caller's turn: telemetry, history, and let it speak."""
-        timeline, pending, self._pending = self._timelines[reply], self._pending, telemetry.TurnTimeline()
+        timeline = self._timelines[reply]
         timeline.stamp("speech_start", speech_start_at)
         timeline.stamp("speech_end", speech_end_at)
-        for name in ("first_partial", "final_text"):
-            at = pending.get(name)
-            if at is not None:
-                timeline.stamp(name, at)
+        for name, at in self._results_at:
+            if at >= speech_start_at:
+                timeline.stamp(name, at)  # the first of each kind wins
+        self._results_at.clear()
         self._turns_taken += 1
         self._facts(reply).update(turn=self._turns_taken, reply=reply,
                                   required_silence_ms=round(self.fsm.required_silence_s * 1000, 1))

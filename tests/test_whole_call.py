@@ -152,3 +152,23 @@ async def test_streaming_synthesis_plays_the_reply_as_chunks_arrive(config, clou
     assert turn["reply_text"] == next(r.reply for r in config.business("acme").rules if "open" in r.keywords)
     # ~200 ms chunks each get a mark: more marks than sentences came back.
     assert len(report.turns[0].marks_echoed) > 2
+
+
+async def test_a_final_that_comes_after_its_turn_is_not_stamped_on_the_next_turn(config, cloud, caller):
+    # Finals 2.5 s after the audio: each turn is committed on its partial at stt.final_timeout_ms, and
+    # its final arrives while the agent answers -- before the caller's next turn has begun.
+    cloud.configure(stt_final_delay_ms=2500)
+    records: list[dict] = []
+    with trio.fail_after(CALL_LIMIT_S):
+        async with trio.open_nursery() as nursery:
+            url = await start_agent(nursery, config, records)
+            report = await place_call(url, [caller["hours"], caller["bye"]], business="acme")
+            await wait_for_call_record(records, report.call_sid)
+            nursery.cancel_scope.cancel()
+
+    turns = turns_of(records, report.call_sid)
+    assert [t["caller_text"] for t in turns] == [HOURS_LINE, BYE_LINE]
+    for turn in turns:
+        stamps = turn["stamps_ms"]
+        if "final_text" in stamps:
+            assert stamps["final_text"] >= stamps["speech_start"], f"turn {turn['turn']}: {stamps}"
