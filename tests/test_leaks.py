@@ -73,7 +73,10 @@ class Footprint:
     keeps idle connections (up to a bound) and closes expired ones only when
     the pool is next used, so their number follows the recent peak of
     concurrent LLM requests, not leaks. They are counted in ``llm_connections``
-    and only bounded.
+    and only bounded. So are sockets with no TCP connection left (not in
+    /proc/net/tcp: reset by the peer, the owner not yet told): localcloud runs
+    in this process, and a pooled connection it reset stays an fd until httpx
+    next looks at its pool. A leak of those would grow past the bound.
     """
 
     tasks: int
@@ -81,6 +84,7 @@ class Footprint:
     fds: int
     grpc_streams: int
     llm_connections: int
+    unconnected_sockets: int
 
     def settled_to(self, baseline: Footprint) -> bool:
         return (self.tasks, self.threads, self.fds, self.grpc_streams) == (
@@ -106,22 +110,39 @@ def _tcp_ports_by_inode() -> dict[str, tuple[int, int]]:
     return ports
 
 
+def describe_fds() -> list[str]:
+    """Every open fd as 'fd -> target [local port, remote port]', for a failure message."""
+    ports = _tcp_ports_by_inode()
+    described = []
+    for fd in sorted(os.listdir("/proc/self/fd"), key=int):
+        try:
+            target = os.readlink(f"/proc/self/fd/{fd}")
+        except FileNotFoundError:
+            continue
+        described.append(f"{fd} -> {target} {ports.get(target.removeprefix('socket:[').removesuffix(']'), '')}")
+    return described
+
+
 def footprint(cloud) -> Footprint:
     llm_port = urllib.parse.urlsplit(cloud.http_base_url).port
     ports = _tcp_ports_by_inode()
-    fds = llm_sockets = 0
+    fds = llm_sockets = unconnected = 0
     for fd in os.listdir("/proc/self/fd"):
         try:
             target = os.readlink(f"/proc/self/fd/{fd}")
         except FileNotFoundError:  # the fd listing itself, closed by now
             continue
-        ends = ports.get(target.removeprefix("socket:[").removesuffix("]"), (0, 0))
-        if llm_port in ends and 0 not in ends:  # a connection (either end) to localcloud's HTTP port
+        inode = target.removeprefix("socket:[").removesuffix("]")
+        ends = ports.get(inode)
+        if target.startswith("socket:[") and ends is None:
+            unconnected += 1  # not TCP (a socketpair, a unix socket) or no longer connected
+        elif ends is not None and llm_port in ends and 0 not in ends:  # a connection to localcloud's HTTP port
             llm_sockets += 1
         else:
             fds += 1
     return Footprint(tasks=count_tasks(), threads=threading.active_count(), fds=fds,
-                     grpc_streams=cloud.stats()["active_streams"], llm_connections=llm_sockets // 2)
+                     grpc_streams=cloud.stats()["active_streams"], llm_connections=llm_sockets // 2,
+                     unconnected_sockets=unconnected)
 
 
 async def settled_footprint(cloud) -> Footprint:
@@ -142,6 +163,7 @@ async def wait_for_footprint(cloud, baseline: Footprint) -> Footprint:
             await trio.sleep(0.1)
     except trio.Cancelled:
         print(f"footprint never settled: baseline {baseline}, last {footprint(cloud)}")
+        print("open fds now:", describe_fds())
         raise
     return now
 
@@ -251,6 +273,7 @@ async def test_calls_hung_up_at_random_moments_leave_nothing_behind(config, clou
     print(f"baseline {baseline}\nafter    {after}")
     assert baseline.grpc_streams == 0 and active_calls == 0
     assert after.llm_connections <= CONCURRENCY, "the LLM pool holds more connections than calls ever ran at once"
+    assert after.unconnected_sockets <= baseline.unconnected_sockets + CONCURRENCY, "sockets pile up"
     calls = {r["call_sid"]: r for r in records if r["kind"] == "call"}
     assert all(calls[p.call_sid]["states"][-1] == "ENDED" for p in batch)
     phases = Counter(hang_up_phase(calls[p.call_sid]) for p in batch)
