@@ -32,7 +32,7 @@ from agentd.metronome import Metronome
 from agentd.reply import ReplyJob, chat_thinker
 from agentd.stt_google import SttSettings, StreamingRecognizer
 from agentd.tts_google import Synthesizer, Voice
-from agentd.tx import TxQueue
+from agentd.tx import FRAME_S, TxQueue
 from agentd.vad import VadSettings, VoiceActivity, VoiceEnded, VoiceStarted
 
 log = logging.getLogger(__name__)
@@ -402,7 +402,7 @@ class Call:
         job = self._jobs.pop(reply)
         job.scope.cancel()
         if interrupted:  # marks are the proof of playback; the clock covers a Twilio that never echoes
-            lead_s = self.tx.lead_frames * 0.02 + _PLAYOUT_MARGIN_S
+            lead_s = self.tx.lead_frames * FRAME_S + _PLAYOUT_MARGIN_S
             said = " ".join(job.heard_by(trio.current_time(), playout_margin_s=lead_s))
         else:
             said = " ".join(job.spoken)

@@ -31,10 +31,9 @@ TICK_S = 0.005
 class Alarm:
     """One pending wake-up of one task; ring() wakes it now (no-op once woken)."""
 
-    __slots__ = ("_task", "at")
+    __slots__ = ("_task",)
 
-    def __init__(self, at: float) -> None:
-        self.at = at
+    def __init__(self) -> None:
         self._task: trio.lowlevel.Task | None = None
 
     def ring(self) -> None:
@@ -71,7 +70,7 @@ class Metronome:
 
     def alarm(self, at: float) -> Alarm:
         """An alarm due at ``at``; ``await alarm.wait()`` sleeps until then or until rung."""
-        alarm = Alarm(at)
+        alarm = Alarm()
         heapq.heappush(self._heap, (at, next(self._order), alarm))
         if at < self._sleeping_until:
             self._changed.unpark_all()

@@ -63,7 +63,6 @@ class ReplyJob:
         self.gate = trio.Event()  # synthesis may start (held shut for an unadopted draft)
         self.draft = False
         self.spoken: list[str] = []  # pieces queued to Twilio, in order
-        self.heard: list[str] = []  # pieces whose mark came back before any clear
         self.failed: str | None = None
         self._tx = tx
         self._sid = stream_sid
@@ -246,8 +245,6 @@ class ReplyJob:
             return  # echoed by our own `clear`: the caller never heard it
         self._echoed += 1
         self._heard_marks.add(name)
-        if self._marks[name]:
-            self.heard.append(self._marks[name])
         self._check_done(at)
 
     def _check_done(self, at: float) -> None:

@@ -160,10 +160,11 @@ class TxQueue:
             if self._urgent or not self._items or not isinstance(self._items[0], bytes):
                 return
         frame = self._take_frame()
-        if trio.current_time() - due > self._max_lag_s:
+        now = trio.current_time()
+        if now - due > self._max_lag_s:
             self.drops += 1  # the link stalled: stale audio is worse than a gap
         else:
-            late_ms = int((trio.current_time() - max(due, self._refilled_at)) * 1000)
+            late_ms = int((now - max(due, self._refilled_at)) * 1000)
             self._lateness_ms[min(max(late_ms, 0), _LATE_BINS - 1)] += 1
             await self._send(self._render_media(frame))
             self.frames_sent += 1
