@@ -42,7 +42,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from agentd.caller_audio import synthesize_caller_turns
 from agentd.config import load_config
 from bench import common, gcwatch, profile, softphones
 from bench.capacity_report import LoadResult, analyse_load, print_load, print_summary
@@ -84,13 +83,13 @@ def start_agentd(lc: common.LocalCloudProcess, run_dir: Path, *, max_calls: int,
     telemetry = run_dir / "telemetry"
     overrides = common.agentd_overrides(lc, port=port, telemetry_dir=str(telemetry)) | {
         "server.max_calls": max_calls}
-    env = os.environ | common.env_overrides(overrides)
-    (run_dir / "agentd.env").write_text("".join(f"{k}={v}\n" for k, v in common.env_overrides(overrides).items()))
+    env_vars = common.env_overrides(overrides)
+    (run_dir / "agentd.env").write_text("".join(f"{k}={v}\n" for k, v in env_vars.items()))
     command = [common.PYTHON, "-m", "agentd", "serve"] + (["--config", config_path] if config_path else [])
     if gc_log is not None:
         command[1:3] = ["-m", "bench.gcwatch", str(gc_log)] + (["--freeze"] if gc_freeze else [])
     with open(run_dir / "agentd.log", "ab") as log_file:
-        process = subprocess.Popen(common.pinned(command, cpu), cwd=common.REPO, env=env,
+        process = subprocess.Popen(common.pinned(command, cpu), cwd=common.REPO, env=os.environ | env_vars,
                                    stdout=log_file, stderr=log_file)
     try:
         common.wait_for_port(port, process, timeout_s=60)
@@ -142,6 +141,11 @@ def run_softphones(url: str, wavs: list[Path], run_dir: Path, tag: str, *, calls
         for child, _ in children:
             common.stop_child(child)
     return results
+
+
+def call_sids(workers: list[dict]) -> set[str]:
+    """The call SIDs of the calls the softphone workers placed (a call that failed to connect has none)."""
+    return {c["call_sid"] for w in workers for c in w["calls"] if c.get("call_sid")}
 
 
 def read_records(telemetry_dir: Path, kind: str, call_sids: set[str]) -> list[dict]:
@@ -209,11 +213,11 @@ def run_load(agentd: Agentd, lc: common.LocalCloudProcess, wavs: list[Path], run
                                  per_process=args.calls_per_softphone, sequential=sequential)
         time.sleep(1.5)  # agentd writes its last call records in batches
     after = Readings.take(agentd, lc)
-    call_sids = {c["call_sid"] for w in workers for c in w["calls"] if c.get("call_sid")}
+    sids = call_sids(workers)
     result = analyse_load(
         label=tag, calls=calls, workers=workers, idle_rss_kb=idle_rss_kb, peak_rss_kb=max(rss.samples, default=0),
-        call_records=read_records(agentd.telemetry_dir, "calls", call_sids),
-        turn_records=read_records(agentd.telemetry_dir, "turns", call_sids), **usage(before, after, workers),
+        call_records=read_records(agentd.telemetry_dir, "calls", sids),
+        turn_records=read_records(agentd.telemetry_dir, "turns", sids), **usage(before, after, workers),
         gc_pauses_ms=None if agentd.gc_log is None else
         [ms for _, ms in gcwatch.read_pauses(str(agentd.gc_log), started, time.time())])
     if profiler is not None:
@@ -249,11 +253,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--gc-freeze", action="store_true",
                         help="experiment: as --gc-log, and gc.freeze() after agentd's imports")
     parser.add_argument("--stt-final-ms", type=int, default=880, help="localcloud's final delay (default 880)")
-    parser.add_argument("--wait-quiet-s", type=float, default=120,
-                        help="before each load, wait up to this long for other processes to use "
-                             "< 20 %% of a core (default 120)")
-    parser.add_argument("--retries", type=int, default=2,
-                        help="run a load again when other processes used core 0 meanwhile (default 2)")
+    common.add_quiet_options(parser, each="load", retries=2, busy="used core 0")
     parser.add_argument("--config", help="agentd.toml (default etc/agentd.toml)")
     parser.add_argument("--out", type=Path, help="run directory (default var/bench/capacity-<time>/)")
     args = parser.parse_args(argv)
@@ -275,10 +275,8 @@ def main(argv: list[str] | None = None) -> int:
     run_dir.mkdir(parents=True, exist_ok=True)
     business = load_config(args.config).business(common.BUSINESS)  # fail early on a bad config
     print(f"bench.capacity on {common.format_machine(machine)}; business {business.name}; run dir {run_dir}")
-    wavs = [Path(p) for p in synthesize_caller_turns([p.spoken for p in PHRASES], "en-us",
-                                                            out_dir=run_dir / "wavs")]
+    wavs = common.caller_wavs(PHRASES, run_dir / "wavs")
     delays = common.Delays(stt_final_ms=args.stt_final_ms)
-    results = []
     with common.LocalCloudProcess([p.script for p in PHRASES], delays, log_path=run_dir / "localcloud.log",
                                   cpu=CLOUD_CPU) as lc:
         agentd = start_agentd(lc, run_dir, max_calls=max(args.load_list) + 50, config_path=args.config,
@@ -321,16 +319,12 @@ def run_all(agentd: Agentd, lc: common.LocalCloudProcess, wavs: list[Path], run_
 def measure(agentd: Agentd, lc: common.LocalCloudProcess, wavs: list[Path], run_dir: Path,
             args: argparse.Namespace, **load: Any) -> LoadResult:
     """Run a load on a quiet machine; again (up to --retries times) if other processes took core 0 meanwhile."""
-    for attempt in range(1 + args.retries):
-        time.sleep(3)  # the last load's calls end; their tasks and sockets go
-        common.wait_for_quiet(args.wait_quiet_s)
-        result = run_load(agentd, lc, wavs, run_dir, args, **load)
-        if not result.contaminated:
-            break
-        print(f"load {result.label}: other processes used {result.core0_other_pct:.0f} % of core 0 and "
-              f"{result.core1_other_pct:.0f} % of core 1 meanwhile"
-              + ("; running it again" if attempt < args.retries else ""), file=sys.stderr, flush=True)
-    return result
+    def disturbed(result: LoadResult) -> str | None:
+        return (f"load {result.label}: other processes used {result.core0_other_pct:.0f} % of core 0 and "
+                f"{result.core1_other_pct:.0f} % of core 1 meanwhile") if result.contaminated else None
+
+    return common.run_quietly(lambda: run_load(agentd, lc, wavs, run_dir, args, **load), args, disturbed,
+                              settle_s=3)  # the last load's calls end; their tasks and sockets go
 
 
 if __name__ == "__main__":

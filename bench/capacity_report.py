@@ -7,6 +7,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from bench import common
+from bench.common import fmt_p as _p
 
 TARGET_CALLS = 200
 TARGET_JITTER_P99_MS = 10.0
@@ -90,15 +91,21 @@ def _full_load_window(calls: list[dict]) -> tuple[float, float]:
     return (max(starts), min(ends)) if calls else (0.0, 0.0)
 
 
+def answered_turns(calls: list[dict]) -> list[tuple[float, float]]:
+    """(wall-clock end of the caller's speech, V2V ms) of every answered turn."""
+    return [(c["started_at"] + t["speech_end_ms"] / 1000, t["v2v_ms"])
+            for c in calls for t in c["turns"] if t["v2v_ms"] is not None]
+
+
 def _turn_v2v(calls: list[dict], window: tuple[float, float] | None) -> list[float]:
     """V2V of every answered turn whose speech ended inside `window` (None: all of them)."""
-    values = []
-    for call in calls:
-        for turn in call["turns"]:
-            at = call["started_at"] + turn["speech_end_ms"] / 1000
-            if turn["v2v_ms"] is not None and (window is None or window[0] <= at <= window[1]):
-                values.append(turn["v2v_ms"])
-    return values
+    return [ms for at, ms in answered_turns(calls) if window is None or window[0] <= at <= window[1]]
+
+
+def frames_sent(call_records: list[dict]) -> int | None:
+    """Frames agentd sent over all calls; None when no call record carries frames_sent."""
+    frames = [r["frames_sent"] for r in call_records if "frames_sent" in r]
+    return sum(frames) if frames else None
 
 
 def tx_lateness(call_records: list[dict]) -> dict[str, float | None]:
@@ -136,7 +143,6 @@ def analyse_load(*, label: str, calls: int, workers: list[dict], call_records: l
     answered = [c for c in placed if not c.get("error")]
     window = _full_load_window(answered) if label != "single" else None
     calling_s = max((w["wall_s"] for w in workers), default=wall_s) or wall_s
-    frames = [r["frames_sent"] for r in call_records if "frames_sent" in r]
     return LoadResult(
         label=label, calls=calls, ok_calls=len(placed) - len(failures),
         failed_calls=len(failures) + calls - len(placed),
@@ -144,7 +150,7 @@ def analyse_load(*, label: str, calls: int, workers: list[dict], call_records: l
         full_load_s=max(0.0, window[1] - window[0]) if window else 0.0,
         v2v_ms=_turn_v2v(answered, window), v2v_all_ms=_turn_v2v(answered, None),
         greeting_ms=[c["greeting_ms"] for c in answered if c.get("greeting_ms") is not None],
-        lateness_ms=tx_lateness(call_records), frames_sent=sum(frames) if frames else None,
+        lateness_ms=tx_lateness(call_records), frames_sent=frames_sent(call_records),
         tx_drops=sum(r.get("tx_drops", 0) for r in call_records), agentd_records=len(call_records),
         agentd_cpu_s=agentd_cpu_s, agentd_cpu_pct=100 * agentd_cpu_s / calling_s,
         call_minutes=sum(c.get("total_call_ms", 0) for c in answered) / 60000,
@@ -160,10 +166,6 @@ def analyse_load(*, label: str, calls: int, workers: list[dict], call_records: l
 
 
 # -- printing -------------------------------------------------------------------------------------------
-
-
-def _p(values: list[float], q: float, digits: int = 0) -> str:
-    return common.fmt(common.percentile(values, q), digits)
 
 
 def v2v_ratio(result: LoadResult, baseline: LoadResult | None) -> float | None:

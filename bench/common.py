@@ -19,6 +19,7 @@ loop with what is being measured. Everything listens on 127.0.0.1 only.
 
 from __future__ import annotations
 
+import argparse
 import datetime
 import os
 import platform
@@ -65,9 +66,14 @@ BOOK = Phrase(spoken="Can you send a plumber tomorrow morning", script="Can you 
 BYE = Phrase(spoken="Thanks for your help goodbye", script="Thanks for your help, goodbye.")
 
 
+def caller_wavs(phrases: Sequence[Phrase], out_dir: str | Path) -> list[Path]:
+    """Speak each phrase with espeak-ng into `out_dir`; the WAV paths, in order."""
+    return synthesize_caller_turns([p.spoken for p in phrases], "en-us", out_dir=out_dir)
+
+
 def caller_turns(phrases: Sequence[Phrase], out_dir: str | Path) -> list[CallerTurn]:
     """Speak each phrase with espeak-ng into `out_dir`; CallerTurns labelled with the spoken text."""
-    paths = synthesize_caller_turns([p.spoken for p in phrases], "en-us", out_dir=out_dir)
+    paths = caller_wavs(phrases, out_dir)
     return [replace(CallerTurn.from_wav(path), label=p.spoken) for p, path in zip(phrases, paths)]
 
 
@@ -218,6 +224,11 @@ def fmt(value: float | None, digits: int = 0) -> str:
     return "-" if value is None else f"{value:.{digits}f}"
 
 
+def fmt_p(values: Iterable[float | None], q: float, digits: int = 0) -> str:
+    """The q-th percentile of `values` for a table cell; "-" for no values."""
+    return fmt(percentile(values, q), digits)
+
+
 def verdict(ok: bool | None) -> str:
     return {True: "OK", False: "MISSED", None: "n/a"}[ok]
 
@@ -294,7 +305,10 @@ def background_load_pct(seconds: float = 3.0) -> float:
     return 100 * (sum(cpu_busy_seconds().values()) - before) / seconds
 
 
-def wait_for_quiet(max_wait_s: float, threshold_pct: float = 20.0) -> float:
+QUIET_PCT = 20.0  # other processes' load, % of one core, under which the machine counts as quiet
+
+
+def wait_for_quiet(max_wait_s: float, threshold_pct: float = QUIET_PCT) -> float:
     """Wait (at most `max_wait_s`) until the machine's load is under `threshold_pct` of a core; returns it.
 
     Benchmarks on a shared machine measure the neighbours too; this only waits, it never ends anything.
@@ -309,6 +323,33 @@ def wait_for_quiet(max_wait_s: float, threshold_pct: float = 20.0) -> float:
 
 
 T = TypeVar("T")
+
+
+def add_quiet_options(parser: argparse.ArgumentParser, *, each: str, retries: int, busy: str) -> None:
+    """--wait-quiet-s and --retries (see run_quietly); `each` names what is run, `busy` when it is run again."""
+    parser.add_argument("--wait-quiet-s", type=float, default=120,
+                        help=f"before each {each}, wait up to this long for other processes to use "
+                             f"< {QUIET_PCT:g} %% of a core (default 120)")
+    parser.add_argument("--retries", type=int, default=retries,
+                        help=f"run a {each} again when other processes {busy} meanwhile (default {retries})")
+
+
+def run_quietly(run: Callable[[], T], args: argparse.Namespace, disturbed: Callable[[T], str | None], *,
+                settle_s: float = 0.0) -> T:
+    """`run()` once the machine is quiet (--wait-quiet-s); again, up to --retries times, while it was not.
+
+    `disturbed(result)` says how other processes got busy during the run (printed to stderr), or None.
+    Each attempt first sleeps `settle_s` (what the previous run started winds down).
+    """
+    for attempt in range(1 + args.retries):
+        time.sleep(settle_s)
+        wait_for_quiet(args.wait_quiet_s)
+        result = run()
+        why = disturbed(result)
+        if why is None:
+            break
+        print(why + ("; running it again" if attempt < args.retries else ""), file=sys.stderr, flush=True)
+    return result
 
 
 class Sampler(Generic[T]):

@@ -41,6 +41,7 @@ from agentd.softphone import CallReport, place_call
 from agentd.softphone_script import CallerTurn
 from agentd.text import normalize_for_match
 from bench import common
+from bench.common import fmt_p as _p
 from bench.overhead import RecordError, turn_budget
 from bench.service_times import PhraseCosts, phrase_costs
 
@@ -195,10 +196,6 @@ def _stage_lists(turn_records: list[dict]) -> dict[str, list[float]]:
 # -- printing ----------------------------------------------------------------------------------------
 
 
-def _p(values, q: float) -> str:
-    return common.fmt(common.percentile(values, q))
-
-
 def _budget_values(result: dict, key: str) -> list[float]:
     return [row["budget"][key] for row in result["turns"] if row["budget"]]
 
@@ -294,11 +291,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--only", help="run only configurations whose name contains this (e.g. 'stt 880')")
     parser.add_argument("--config", help="agentd.toml (default etc/agentd.toml)")
     parser.add_argument("--out", type=Path, help="JSON results (default var/bench/latency-<time>.json)")
-    parser.add_argument("--wait-quiet-s", type=float, default=120,
-                        help="before each configuration, wait up to this long for other processes to use "
-                             "< 20 %% of a core (default 120)")
-    parser.add_argument("--retries", type=int, default=1,
-                        help="run a configuration again when other processes got busy meanwhile (default 1)")
+    common.add_quiet_options(parser, each="configuration", retries=1, busy="got busy")
     parser.add_argument("--log-level", default="ERROR")
     args = parser.parse_args(argv)
     if args.quick:
@@ -325,14 +318,12 @@ def run_matrix(args: argparse.Namespace, base: Config, turns: list[CallerTurn], 
 def run_quietly(args: argparse.Namespace, base: Config, lc: common.LocalCloudProcess, variant: Variant,
                 turns: list[CallerTurn], costs: list[PhraseCosts], delays: common.Delays) -> dict:
     """run_one on a quiet machine; again (up to --retries times) if other processes got busy meanwhile."""
-    for attempt in range(1 + args.retries):
-        common.wait_for_quiet(args.wait_quiet_s)
-        result = run_one(args, base, lc, variant, turns, costs, delays)
+    def disturbed(result: dict) -> str | None:
         if result["background_pct"] <= BACKGROUND_LIMIT_PCT:
-            break
-        print(f"{variant.name}: other processes used {result['background_pct']:.0f} % of a core meanwhile"
-              + ("; running it again" if attempt < args.retries else ""), file=sys.stderr, flush=True)
-    return result
+            return None
+        return f"{variant.name}: other processes used {result['background_pct']:.0f} % of a core meanwhile"
+
+    return common.run_quietly(lambda: run_one(args, base, lc, variant, turns, costs, delays), args, disturbed)
 
 
 def run_one(args: argparse.Namespace, base: Config, lc: common.LocalCloudProcess, variant: Variant,

@@ -36,7 +36,6 @@ from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 
-from agentd.caller_audio import synthesize_caller_turns
 from agentd.config import load_config
 from bench import capacity, common, soak_report
 from bench.capacity import AGENTD_CPU, CLOUD_CPU, Agentd, Readings
@@ -123,10 +122,9 @@ def soak(agentd: Agentd, lc: common.LocalCloudProcess, wavs: list[Path], run_dir
     after = snapshot(agentd.pid) if alive else None
     if sampler.lost:
         print(f"soak: sampling stopped early (agentd gone?): {sampler.lost}", file=sys.stderr)
-    call_sids = {c["call_sid"] for w in workers for c in w["calls"] if c.get("call_sid")}
     return soak_report.analyse(
         slots=args.calls, timeline=timeline, samples=sampler.samples, workers=workers,
-        call_records=capacity.read_records(agentd.telemetry_dir, "calls", call_sids),
+        call_records=capacity.read_records(agentd.telemetry_dir, "calls", capacity.call_sids(workers)),
         log=count_log_problems(run_dir / "agentd.log"), agentd_alive=alive, idle=idle, after=after,
         usage=usage(before, after_calls, workers, pinned=args.pin))
 
@@ -174,8 +172,7 @@ def main(argv: list[str] | None = None) -> int:
     run_dir.mkdir(parents=True, exist_ok=True)
     business = load_config(args.config).business(common.BUSINESS)  # fail early on a bad config
     print(f"bench.soak on {common.format_machine(machine)}; business {business.name}; run dir {run_dir}")
-    wavs = [Path(p) for p in synthesize_caller_turns([p.spoken for p in capacity.PHRASES], "en-us",
-                                                     out_dir=run_dir / "wavs")]
+    wavs = common.caller_wavs(capacity.PHRASES, run_dir / "wavs")
     delays = common.Delays(stt_final_ms=args.stt_final_ms)
     with common.LocalCloudProcess([p.script for p in capacity.PHRASES], delays, log_path=run_dir / "localcloud.log",
                                   cpu=CLOUD_CPU if args.pin else None) as lc:

@@ -9,7 +9,8 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from bench import common
-from bench.capacity_report import call_failure, tx_lateness
+from bench.capacity_report import answered_turns, call_failure, frames_sent, tx_lateness
+from bench.common import fmt_p as _p
 
 TARGET_GROWTH_PCT = 5.0
 GROWTH_WINDOW_S = 60.0
@@ -159,14 +160,8 @@ def _calls_up(calls: list[dict], at: float) -> int:
     return sum(1 for c in calls if c["started_at"] <= at < c["started_at"] + c.get("total_call_ms", 0) / 1000)
 
 
-def _turns(calls: list[dict]) -> list[tuple[float, float]]:
-    """(wall-clock end of the caller's speech, V2V ms) of every answered turn."""
-    return [(c["started_at"] + t["speech_end_ms"] / 1000, t["v2v_ms"])
-            for c in calls for t in c["turns"] if t["v2v_ms"] is not None]
-
-
 def _minutes(samples: list[Sample], calls: list[dict], timeline: Timeline) -> list[Minute]:
-    turns = _turns(calls)
+    turns = answered_turns(calls)
     rows = []
     for minute in range(int(-(-(timeline.until - timeline.start_at) // 60))):
         start = timeline.start_at + 60 * minute
@@ -194,7 +189,6 @@ def analyse(*, slots: int, timeline: Timeline, samples: list[Sample], workers: l
     first = _between(measured, t.warmup_end, t.warmup_end + t.window_s)
     last = _between(measured, t.until - t.window_s, t.until)
     up = [_calls_up(answered, s.at) for s in measured]
-    frames = [r["frames_sent"] for r in call_records if "frames_sent" in r]
     return SoakResult(
         slots=slots, timeline=t, placed=len(placed), failed=sum(failures.values()), failures=dict(failures),
         agentd_alive=agentd_alive, agentd_records=len(call_records), log=log, idle=idle, after=after,
@@ -202,9 +196,9 @@ def analyse(*, slots: int, timeline: Timeline, samples: list[Sample], workers: l
         max_rss_kb=max((s.rss_kb for s in samples), default=None),
         first_window_rss_kb=_median([s.rss_kb for s in first]), last_window_rss_kb=_median([s.rss_kb for s in last]),
         calls_up_median=_median(up), calls_up_min=min(up, default=None),
-        lateness_ms=tx_lateness(call_records), frames_sent=sum(frames) if frames else None,
+        lateness_ms=tx_lateness(call_records), frames_sent=frames_sent(call_records),
         tx_drops=sum(r.get("tx_drops", 0) for r in call_records),
-        v2v_ms=[ms for at, ms in _turns(answered) if at >= t.warmup_end],
+        v2v_ms=[ms for at, ms in answered_turns(answered) if at >= t.warmup_end],
         greeting_ms=[c["greeting_ms"] for c in answered if c.get("greeting_ms") is not None],
         agentd_cpu_pct=_cpu_pct(measured), usage=usage, minutes=_minutes(samples, answered, t), samples=samples)
 
@@ -218,10 +212,6 @@ def _mb(kb: float | None) -> str:
 
 def _mark(ok: bool | None) -> str:
     return {True: "**met**", False: "**missed**", None: "n/a"}[ok]
-
-
-def _p(values: list[float], q: float) -> str:
-    return common.fmt(common.percentile(values, q))
 
 
 def _of(sample: Sample | None, name: str) -> str:
