@@ -61,6 +61,14 @@ _RULES = [
 _SPOKEN = {"open": "Are you open today?", "price": "How much is a visit?", "bye": "Goodbye."}
 
 
+def without_filler(reply: str) -> str:
+    """A reply without the filler (one of FILLERS, then a space) a slow turn may open with."""
+    for filler in FILLERS:
+        if reply.startswith(filler + " "):
+            return reply[len(filler) + 1:]
+    return reply
+
+
 def fault_config(base: Config, **overrides) -> Config:
     """The shipped config with a one-word greeting and short replies (calls take real time)."""
     return base.with_overrides(**{"businesses.acme.greeting": "Hi.", "businesses.acme.rules": _RULES,

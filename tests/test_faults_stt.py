@@ -17,7 +17,6 @@ import trio
 from test_faults_rig import (
     BYE_LINE,
     BYE_REPLY,
-    FILLERS,
     GUARD_S,
     OPEN_LINE,
     OPEN_REPLY,
@@ -28,6 +27,7 @@ from test_faults_rig import (
     fault_config,
     open_rig,
     open_twilio_side,
+    without_filler,
 )
 
 from agentd.softphone import place_call
@@ -40,17 +40,10 @@ def voices(tmp_path_factory):
     return caller_voices(tmp_path_factory.mktemp("voices"))
 
 
-
-def without_filler(reply: str) -> str:
-    """A reply without the filler a slow turn may open with (a turn may be answered late, never lost)."""
-    for filler in FILLERS:
-        if reply.startswith(filler + " "):
-            return reply[len(filler) + 1:]
-    return reply
-
-
 def answered(turns: list[dict]) -> list[tuple[str, str]]:
+    """(caller text, reply) of each turn, an opening filler left out (a turn may be answered late, never lost)."""
     return [(t["caller_text"], without_filler(t["reply_text"])) for t in turns]
+
 
 async def test_streams_rotate_before_the_duration_limit_and_no_turn_is_lost_or_doubled(base_config, voices, caplog):
     caplog.set_level(logging.INFO, logger="agentd.stt_google")

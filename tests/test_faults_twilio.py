@@ -20,6 +20,8 @@ from test_faults_rig import (
     PRICE_LINE,
     PRICE_REPLY,
     Resources,
+    Rig,
+    TwilioSide,
     caller_voices,
     fault_config,
     open_rig,
@@ -130,9 +132,8 @@ async def test_a_silent_caller_during_a_long_reply_keeps_the_call(base_config, v
 # ------------------------------------------------------------- marks never return ---
 
 
-async def test_when_marks_never_come_back_each_reply_still_ends_and_the_call_goes_on(base_config, voices):
-    # A short mark timeout, so a caller who waits as long as a person does finds the agent listening.
-    config = fault_config(base_config, **{"audio.mark_timeout_ms": 400})
+async def call_with_marks_never_echoed(config, voices) -> tuple[Rig, TwilioSide, list[dict]]:
+    """The caller asks "open" then says "bye", each after the agent's previous reply; Twilio echoes no mark."""
     async with open_rig(config, (OPEN_LINE, BYE_LINE)) as rig:
         with trio.fail_after(GUARD_S):
             async with open_twilio_side(rig.url, echo_marks=False) as side:
@@ -140,6 +141,13 @@ async def test_when_marks_never_come_back_each_reply_still_ends_and_the_call_goe
                 for turn in ("open", "bye"):
                     await side.wait_for_reply(since=await side.speak(voices[turn].audio))
             turns = rig.turns(side.call_sid)
+    return rig, side, turns
+
+
+async def test_when_marks_never_come_back_each_reply_still_ends_and_the_call_goes_on(base_config, voices):
+    # A short mark timeout, so a caller who waits as long as a person does finds the agent listening.
+    config = fault_config(base_config, **{"audio.mark_timeout_ms": 400})
+    rig, side, turns = await call_with_marks_never_echoed(config, voices)
 
     assert side.marks_sent and not side.marks_echoed, "Twilio never echoed a mark"
     assert side.clears == [], "the caller's turns were taken as turns, not as interruptions"
@@ -149,13 +157,7 @@ async def test_when_marks_never_come_back_each_reply_still_ends_and_the_call_goe
 
 
 async def test_when_marks_never_come_back_a_reply_heard_in_full_stays_in_history(base_config, voices):
-    async with open_rig(fault_config(base_config), (OPEN_LINE, BYE_LINE)) as rig:
-        with trio.fail_after(GUARD_S):
-            async with open_twilio_side(rig.url, echo_marks=False) as side:
-                await side.wait_for_reply(since=0)
-                for turn in ("open", "bye"):
-                    await side.wait_for_reply(since=await side.speak(voices[turn].audio))
-            turns = rig.turns(side.call_sid)
+    rig, _, turns = await call_with_marks_never_echoed(fault_config(base_config), voices)
 
     assert [t["caller_text"] for t in turns] == [OPEN_LINE, BYE_LINE]
     assert rig.history_sent() == [("user", OPEN_LINE), ("assistant", OPEN_REPLY), ("user", BYE_LINE)]

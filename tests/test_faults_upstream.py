@@ -20,13 +20,13 @@ from test_faults_rig import (
     APOLOGY,
     BYE_LINE,
     BYE_REPLY,
-    FILLERS,
     GUARD_S,
     OPEN_LINE,
     Rig,
     caller_voices,
     fault_config,
     open_rig,
+    without_filler,
 )
 
 from agentd.softphone import CallReport, place_call
@@ -50,7 +50,7 @@ class Fault:
     says: str = APOLOGY  # turn 1's reply, possibly after a filler
 
     def heard_in(self, reply_text: str) -> bool:
-        return reply_text in (self.says, *(f"{filler} {self.says}" for filler in FILLERS))
+        return without_filler(reply_text) == self.says
 
 
 @dataclass(frozen=True)
@@ -159,10 +159,9 @@ async def _heal_after(answered: trio.Event, rig: Rig, llm_port: int | None) -> N
 
 
 async def _forward(client: trio.SocketStream, port: int) -> None:
-    async with client, await trio.open_tcp_stream("127.0.0.1", port) as server:
-        async with trio.open_nursery() as nursery:
-            for source, sink in ((client, server), (server, client)):
-                nursery.start_soon(_pipe, source, sink, nursery.cancel_scope)
+    async with client, await trio.open_tcp_stream("127.0.0.1", port) as server, trio.open_nursery() as nursery:
+        for source, sink in ((client, server), (server, client)):
+            nursery.start_soon(_pipe, source, sink, nursery.cancel_scope)
 
 
 async def _pipe(source: trio.SocketStream, sink: trio.SocketStream, both: trio.CancelScope) -> None:

@@ -110,30 +110,28 @@ def _tcp_ports_by_inode() -> dict[str, tuple[int, int]]:
     return ports
 
 
-def describe_fds() -> list[str]:
-    """Every open fd as 'fd -> target [local port, remote port]', for a failure message."""
+def open_fds() -> list[tuple[str, str, tuple[int, int] | None]]:
+    """Every open fd as (fd, target, (local port, remote port) if a connected TCP socket, else None)."""
     ports = _tcp_ports_by_inode()
-    described = []
+    found = []
     for fd in sorted(os.listdir("/proc/self/fd"), key=int):
-        try:
-            target = os.readlink(f"/proc/self/fd/{fd}")
-        except FileNotFoundError:
-            continue
-        described.append(f"{fd} -> {target} {ports.get(target.removeprefix('socket:[').removesuffix(']'), '')}")
-    return described
-
-
-def footprint(cloud) -> Footprint:
-    llm_port = urllib.parse.urlsplit(cloud.http_base_url).port
-    ports = _tcp_ports_by_inode()
-    fds = llm_sockets = unconnected = 0
-    for fd in os.listdir("/proc/self/fd"):
         try:
             target = os.readlink(f"/proc/self/fd/{fd}")
         except FileNotFoundError:  # the fd listing itself, closed by now
             continue
-        inode = target.removeprefix("socket:[").removesuffix("]")
-        ends = ports.get(inode)
+        found.append((fd, target, ports.get(target.removeprefix("socket:[").removesuffix("]"))))
+    return found
+
+
+def describe_fds() -> list[str]:
+    """Every open fd as 'fd -> target [local port, remote port]', for a failure message."""
+    return [f"{fd} -> {target} {'' if ends is None else ends}" for fd, target, ends in open_fds()]
+
+
+def footprint(cloud) -> Footprint:
+    llm_port = urllib.parse.urlsplit(cloud.http_base_url).port
+    fds = llm_sockets = unconnected = 0
+    for _, target, ends in open_fds():
         if target.startswith("socket:[") and ends is None:
             unconnected += 1  # not TCP (a socketpair, a unix socket) or no longer connected
         elif ends is not None and llm_port in ends and 0 not in ends:  # a connection to localcloud's HTTP port

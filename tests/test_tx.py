@@ -285,21 +285,14 @@ async def test_a_burst_that_starts_between_metronome_ticks_sends_its_lead_at_onc
 
 
 async def test_a_producer_gap_within_the_lead_is_not_counted_as_pacing_lateness(autojump_clock):
-    sent: list[tuple[float, str]] = []
-
-    async def send(message: str) -> None:
-        sent.append((trio.current_time(), message))
-
-    metronome = Metronome()
-    tx = TxQueue(send, lambda frame: "media", metronome=metronome, lead_frames=5)
+    wire = Wire()
     async with trio.open_nursery() as nursery:
-        await nursery.start(metronome.run)
-        await nursery.start(tx.run)
-        await tx.put_frames([b"\xff" * 160] * 6, epoch=tx.epoch)  # the 6th frame is due at +20 ms
+        tx = await started(nursery, wire, lead_frames=5)
+        await tx.put_frames(frames(0, 6), epoch=tx.epoch)  # the 6th frame is due at +20 ms
         await trio.sleep(0.07)  # the next sentence's audio comes 50 ms after its first frame was due
-        await tx.put_frames([b"\xff" * 160] * 3, epoch=tx.epoch)
+        await tx.put_frames(frames(6, 9), epoch=tx.epoch)
         await trio.sleep(1)
         nursery.cancel_scope.cancel()
     assert tx.frames_sent == 9
-    assert sent[6][0] - sent[0][0] == pytest.approx(0.07), "the late frame goes as soon as it arrives, on the old schedule"
+    assert wire.sent[6][0] - wire.sent[0][0] == pytest.approx(0.07), "the late frame goes as soon as it arrives, on the old schedule"
     assert tx.lateness_summary()["max"] == 0, "the pacer sent it the moment it could"

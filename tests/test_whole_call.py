@@ -15,20 +15,28 @@ from agent_harness import call_record, start_agent, turns_of, wait_for_call_reco
 from conftest import BYE_LINE, HOURS_LINE
 
 from agentd.codecs import twilio
-from agentd.softphone import place_call
+from agentd.softphone import CallReport, place_call
 
 CALL_LIMIT_S = 60  # a guard against hangs, not a performance assertion
+
+
+async def one_call(config, turns: list, records: list[dict]) -> CallReport:
+    """One call to business "acme" speaking ``turns``, on an agent started for it; returns once agentd has
+    recorded the call's end (its records land in ``records``)."""
+    with trio.fail_after(CALL_LIMIT_S):
+        async with trio.open_nursery() as nursery:
+            url = await start_agent(nursery, config, records)
+            report = await place_call(url, turns, business="acme")
+            await wait_for_call_record(records, report.call_sid)
+            nursery.cancel_scope.cancel()
+    return report
 
 
 async def test_a_call_is_greeted_then_each_turn_answered(config, cloud, caller):
     acme = config.business("acme")
     records: list[dict] = []
-    with trio.fail_after(CALL_LIMIT_S):
-        async with trio.open_nursery() as nursery:
-            url = await start_agent(nursery, config, records)
-            report = await place_call(url, [caller["hours"], caller["bye"]], business="acme")
-            call = await wait_for_call_record(records, report.call_sid)
-            nursery.cancel_scope.cancel()
+    report = await one_call(config, [caller["hours"], caller["bye"]], records)
+    call = call_record(records, report.call_sid)
 
     assert report.violations == ()
     assert report.greeting.audio_ms > 0, "the greeting was heard"
@@ -121,12 +129,7 @@ async def test_a_malformed_frame_closes_only_that_call(config, cloud, caller):
 async def test_when_streaming_stt_cannot_open_the_fallback_answers(config, cloud, caller):
     cloud.set_faults(stt_fail_opens=3)
     records: list[dict] = []
-    with trio.fail_after(CALL_LIMIT_S):
-        async with trio.open_nursery() as nursery:
-            url = await start_agent(nursery, config, records)
-            report = await place_call(url, [caller["hours"]], business="acme")
-            await wait_for_call_record(records, report.call_sid)
-            nursery.cancel_scope.cancel()
+    report = await one_call(config, [caller["hours"]], records)
 
     stats = cloud.stats()
     assert stats["recognize_calls"] >= 1, "the turn went through unary Recognize"
@@ -138,12 +141,7 @@ async def test_when_streaming_stt_cannot_open_the_fallback_answers(config, cloud
 async def test_streaming_synthesis_plays_the_reply_as_chunks_arrive(config, cloud, caller):
     config = config.with_overrides(**{"tts.streaming": True, "businesses.acme.voice": "en-US-Chirp3-HD-Charon"})
     records: list[dict] = []
-    with trio.fail_after(CALL_LIMIT_S):
-        async with trio.open_nursery() as nursery:
-            url = await start_agent(nursery, config, records)
-            report = await place_call(url, [caller["hours"]], business="acme")
-            await wait_for_call_record(records, report.call_sid)
-            nursery.cancel_scope.cancel()
+    report = await one_call(config, [caller["hours"]], records)
 
     stats = cloud.stats()
     assert stats["streaming_synth_calls"] >= 2 and stats["synth_calls"] == 0
@@ -159,12 +157,7 @@ async def test_a_final_that_comes_after_its_turn_is_not_stamped_on_the_next_turn
     # its final arrives while the agent answers -- before the caller's next turn has begun.
     cloud.configure(stt_final_delay_ms=2500)
     records: list[dict] = []
-    with trio.fail_after(CALL_LIMIT_S):
-        async with trio.open_nursery() as nursery:
-            url = await start_agent(nursery, config, records)
-            report = await place_call(url, [caller["hours"], caller["bye"]], business="acme")
-            await wait_for_call_record(records, report.call_sid)
-            nursery.cancel_scope.cancel()
+    report = await one_call(config, [caller["hours"], caller["bye"]], records)
 
     turns = turns_of(records, report.call_sid)
     assert [t["caller_text"] for t in turns] == [HOURS_LINE, BYE_LINE]
