@@ -1,15 +1,18 @@
 """One phone call: the Trio glue around the sans-I/O ``CallFSM``.
 
-Every task of a call lives in the call's one nursery (TX pacer, recognizer,
-timers, line watchdog, stats, replies, fallback transcriptions); when the
-caller hangs up, the socket drops or the agent ends the call (the line went
-quiet, or the call reached its length limit), the nursery is cancelled and
-everything ends with it. The call record says which (``end_reason``).
+A ``Call`` is built once Twilio's ``start`` is in hand (the server waits for
+it), so it is whole from birth. Every task of a call lives in the call's one
+nursery (TX pacer, recognizer, timers, line watchdog, stats, replies, fallback
+transcriptions); when the caller hangs up, the socket drops or the agent ends
+the call (the line went quiet, the call reached its length limit, or
+``wind_down`` / ``end_now``), the nursery is cancelled and everything ends
+with it. The call record says which (``end_reason``).
 
 Events reach the FSM through ``_dispatch``, a synchronous function called by
 whichever task learnt the fact (reader, recognizer, reply, timer). Trio runs
 one task at a time, so the FSM needs no lock, and actions are carried out
-before the next event is taken.
+before the next event is taken. The driver decides nothing the FSM could: it
+carries out actions and records the facts they carry.
 """
 
 from __future__ import annotations
@@ -27,9 +30,10 @@ from agentd.codecs import twilio
 from agentd.config import Business, Config
 from agentd.errors import CallProtocolError, UpstreamUnavailable
 from agentd.grpc_bridge import Channel
+from agentd.history import History
 from agentd.llm_openai import build_messages
 from agentd.metronome import Metronome
-from agentd.reply import ReplyJob, chat_thinker
+from agentd.reply import Outlet, Piece, ReplyJob, Voicing, chat_thinker
 from agentd.stt_google import SttSettings, StreamingRecognizer
 from agentd.tts_google import Synthesizer, Voice
 from agentd.tx import FRAME_S, TxQueue
@@ -59,66 +63,68 @@ class Services:
         return Voice(language=business.language, name=business.voice,
                      speaking_rate=self.config.tts.speaking_rate)
 
-
-def turn_settings(config: Config) -> fsm.TurnSettings:
-    t = config.turn
-    return fsm.TurnSettings(
-        min_utt_s=t.min_utt_s, min_silence_short_s=t.min_silence_short_s,
-        min_silence_long_s=t.min_silence_long_s, long_utterance_s=t.long_utterance_s,
-        hangover_s=config.vad.hangover_ms / 1000, final_timeout_s=config.stt.final_timeout_ms / 1000,
-        fallback_timeout_s=config.stt.fallback_timeout_ms / 1000, refractory_s=t.refractory_ms / 1000,
-        breath_min_s=t.breath_min_ms / 1000, breath_max_s=t.breath_max_ms / 1000,
-        barge_in_enabled=t.barge_in_enabled, barge_in_min_s=t.barge_in_min_ms / 1000,
-        barge_in_guard_s=t.barge_in_guard_ms / 1000, barge_in_requires_words=t.barge_in_requires_words,
-        barge_in_confirm_s=config.vad.hangover_ms / 1000,
-        greeting_barge_in=t.greeting_barge_in, early_finalize=t.early_finalize_enabled,
-        strong_punct_min_chars=t.strong_punct_min_chars, strong_bare_min_chars=t.strong_bare_min_chars,
-        spec_enabled=config.spec.enabled, spec_min_chars=config.spec.min_chars,
-        spec_stable_s=config.spec.stable_ms / 1000, spec_wait_s=config.spec.wait_ms / 1000,
-    )
+    def voicing(self, business: Business) -> Voicing:
+        """``tts.streaming`` picks the TTS that hands over audio chunk by chunk."""
+        voice = self.voice(business)
+        if self.config.tts.streaming:
+            return Voicing(voice=voice, chunked=self.tts)
+        return Voicing(voice=voice, whole=self.tts)
 
 
-def stt_settings(config: Config, business: Business) -> SttSettings:
-    s = config.stt
-    return SttSettings(
-        language=business.language, model=s.model, use_enhanced=s.use_enhanced,
-        automatic_punctuation=s.automatic_punctuation, batch_ms=s.batch_ms,
-        partial_debounce_ms=s.partial_debounce_ms, open_attempts=s.open_attempts,
-        open_timeout_s=s.open_timeout_ms / 1000, fallback_timeout_s=s.fallback_timeout_ms / 1000,
-        rotate_after_s=s.rotate_after_s,
-    )
+@dataclass
+class _Turn:
+    """What the call records about one reply while it lives."""
+
+    job: ReplyJob
+    timeline: telemetry.TurnTimeline
+    draft: bool = False  # speculative: not (yet) the answer to a turn
+    caller_text: str = ""
+    facts: dict = field(default_factory=dict)
+    fallbacks: list[str] = field(default_factory=list)
 
 
 class Call:
     """One Twilio Media Stream, from ``start`` to hang-up."""
 
-    def __init__(self, ws: trio_websocket.WebSocketConnection, services: Services, *,
-                 on_start: Callable[[twilio.Start], None] | None = None):
+    def __init__(self, ws: trio_websocket.WebSocketConnection, services: Services, start: twilio.Start, *,
+                 t0: float | None = None):
+        cfg = services.config
         self._ws = ws
-        self._on_start = on_start  # the server's admission check; may raise CallProtocolError
         self._svc = services
-        self._max_bytes = services.config.server.max_message_bytes
-        self.t0 = trio.current_time()
-        self.call_sid = "?"
+        self._max_bytes = cfg.server.max_message_bytes
+        self.t0 = trio.current_time() if t0 is None else t0  # when the socket opened
+        self.call_sid, self.stream_sid = start.call_sid, start.stream_sid
+        self.business = cfg.business(start.parameter("business"))
+        self.voice = services.voice(self.business)
         self.states: list[str] = []
-        self.history: list[tuple[str, str]] = []
-        self._timelines: dict[int, telemetry.TurnTimeline] = {0: telemetry.TurnTimeline()}
-        self._timelines[0].stamp("ws_connected", self.t0)
+        self.history = History()
+        self.fsm = fsm.CallFSM(fsm.TurnSettings.from_config(cfg))
+        self.vad = VoiceActivity(VadSettings.from_config(cfg))
+        self.stt = StreamingRecognizer(services.stt_channel, SttSettings.from_config(cfg, self.business.language),
+                                       self._dispatch, is_quiet=lambda: not self.vad.speaking)
+        self.tx = TxQueue(ws.send_message, lambda f: twilio.render_media(self.stream_sid, f),
+                          metronome=services.metronome, capacity_frames=cfg.audio.tx_queue_frames,
+                          lead_frames=cfg.audio.tx_lead_frames)
+        self._greeting = telemetry.TurnTimeline()
+        self._greeting.stamp("ws_connected", self.t0)
+        self._latest = self._greeting  # the newest turn's timeline, for the stats line
+        self.stt.on_stream_open = lambda at: self._greeting.stamp("stt_stream_opened", at)
         # Transcript results arrive between turns too (a late final for the last turn's audio, noise):
         # the first partial and the first final after each start of speech, and when each came.
         # A turn takes the first of each that came after its speech began.
         self._results_at: list[tuple[str, float]] = []
         self._results_seen: set[str] = set()
-        self._jobs: dict[int, ReplyJob] = {}
-        self._turn_facts: dict[int, dict] = {}
+        self._turns: dict[int, _Turn] = {}
         self._turns_taken = 0
-        self._user_text: dict[int, str] = {}
+        self._speculation = {"drafts": 0, "hits": 0, "misses": 0, "late": 0}
         self._rearm = trio.Event()
         self._warned_unknown = False
         self._nursery: trio.Nursery | None = None
+        self._scope = trio.CancelScope()  # the whole call: end_now cancels it
         # Why the call ended, for its record; stays "aborted" on an internal error or a daemon shutdown.
         self.end_reason = "aborted"
         self._heard_at = self.t0  # when the peer last sent anything: what the line watchdog checks
+        log.info("call=%s start business=%s", self.call_sid, self.business.name)
 
     # -- lifecycle ---------------------------------------------------------
 
@@ -126,60 +132,41 @@ class Call:
         """Serve the call until it ends; returns the reason for the close frame.
 
         The caller ends it with ``stop`` or by closing the socket (reason "bye");
-        the agent ends it when nothing has come in for ``server.media_timeout_ms``
-        or at ``server.max_call_duration_s`` (the reason says which).
-        Raises CallProtocolError.
+        the agent ends it when nothing has come in for ``server.media_timeout_ms``,
+        at ``server.max_call_duration_s``, or by ``wind_down`` / ``end_now``
+        (the reason says which). Raises CallProtocolError.
         """
-        start = await self._await_start()
-        if self._on_start is not None:
-            self._on_start(start)
-        self._setup(start)
         try:
-            async with trio.open_nursery() as nursery:
-                self._nursery = nursery
-                await nursery.start(self.tx.run)
-                if self._svc.config.stt.streaming_enabled:
-                    await nursery.start(self.stt.run)
-                else:
-                    self._dispatch(fsm.SttLost(at=trio.current_time()))  # every turn via Recognize
-                nursery.start_soon(self._run_timers)
-                nursery.start_soon(self._watch_line)
-                nursery.start_soon(self._report_stats)
-                self._dispatch(fsm.CallStarted(at=trio.current_time()))
-                try:
-                    self.end_reason = await self._read_until_stop()
-                except CallProtocolError:
-                    self.end_reason = "protocol error"  # what it was is logged at the per-call boundary
-                    raise
-                nursery.cancel_scope.cancel()
+            with self._scope:
+                async with trio.open_nursery() as nursery:
+                    self._nursery = nursery
+                    await nursery.start(self.tx.run)
+                    if self._svc.config.stt.streaming_enabled:
+                        await nursery.start(self.stt.run)
+                    nursery.start_soon(self._run_timers)
+                    nursery.start_soon(self._watch_line)
+                    nursery.start_soon(self._report_stats)
+                    self._dispatch(fsm.CallStarted(at=trio.current_time()))
+                    try:
+                        self.end_reason = await self._read_until_stop()
+                    except CallProtocolError:
+                        self.end_reason = "protocol error"  # what it was is logged at the per-call boundary
+                        raise
+                    nursery.cancel_scope.cancel()
         finally:
             self._finish()
         return "bye" if self.end_reason in _CALLER_ENDS else self.end_reason
 
-    async def _await_start(self) -> twilio.Start:
-        while True:
-            event = self._parse(await self._ws.get_message())
-            if isinstance(event, twilio.Start):
-                return event
-            if event is not None and not isinstance(event, twilio.Connected):
-                raise CallProtocolError(f"{type(event).__name__.lower()} before start")
+    def wind_down(self, reason: str) -> None:
+        """End the call politely: stop what the agent is doing, say the business's
+        goodbye, then hang up; ``reason`` becomes the record's ``end_reason``.
+        Callable from any task at any time; the caller cannot interrupt the goodbye."""
+        self._dispatch(fsm.WindDown(at=trio.current_time(), reason=reason))
 
-    def _setup(self, start: twilio.Start) -> None:
-        cfg = self._svc.config
-        self.call_sid, self.stream_sid = start.call_sid, start.stream_sid
-        self.business = cfg.business(start.parameter("business"))
-        self.voice = self._svc.voice(self.business)
-        self.fsm = fsm.CallFSM(turn_settings(cfg))
-        self.vad = VoiceActivity(VadSettings(
-            aggressiveness=cfg.vad.aggressiveness, speech_start_ms=cfg.vad.speech_start_ms,
-            hangover_ms=cfg.vad.hangover_ms))
-        self.stt = StreamingRecognizer(self._svc.stt_channel, stt_settings(cfg, self.business),
-                                       self._dispatch, is_quiet=lambda: not self.vad.speaking)
-        self.stt.on_stream_open = lambda at: self._timelines[0].stamp("stt_stream_opened", at)
-        self.tx = TxQueue(self._ws.send_message, lambda f: twilio.render_media(self.stream_sid, f),
-                          metronome=self._svc.metronome, capacity_frames=cfg.audio.tx_queue_frames,
-                          lead_frames=cfg.audio.tx_lead_frames)
-        log.info("call=%s start business=%s", self.call_sid, self.business.name)
+    def end_now(self, reason: str) -> None:
+        """End the call at once; the record is still written, with ``reason``."""
+        self.end_reason = reason
+        self._scope.cancel()
 
     async def _read_until_stop(self) -> str:
         """Carry inbound messages into the call; returns how the caller ended it."""
@@ -226,29 +213,25 @@ class Call:
         while (now := trio.current_time()) < (end_at := min(self._heard_at + quiet_s, limit_at)):
             await trio.sleep_until(end_at)
         if now >= limit_at:
-            self.end_reason = "call duration limit"
             log.warning("call=%s ended: server.max_call_duration_s (%gs) reached", self.call_sid,
                         server.max_call_duration_s)
+            self.end_now("call duration limit")
         else:
-            self.end_reason = f"no media for {server.media_timeout_ms} ms"
             log.warning("call=%s ended: no message from Twilio for %d ms (server.media_timeout_ms); "
                         "the peer is gone", self.call_sid, server.media_timeout_ms)
-        self._nursery.cancel_scope.cancel()
+            self.end_now(f"no media for {server.media_timeout_ms} ms")
 
     def _finish(self) -> None:
         now = trio.current_time()
-        if hasattr(self, "fsm"):
-            self._dispatch(fsm.Hangup(at=now))
-        for reply in list(self._jobs):
+        self._dispatch(fsm.Hangup(at=now))
+        for reply in list(self._turns):
             self._close_turn(reply, interrupted=True)
-        record = {"call_sid": self.call_sid, "duration_ms": round((now - self.t0) * 1000, 1),
-                  "end_reason": self.end_reason,
+        record = {"call_sid": self.call_sid, "business": self.business.name,
+                  "duration_ms": round((now - self.t0) * 1000, 1), "end_reason": self.end_reason,
                   "turns": self._turns_taken, "states": self.states,
-                  "tx_drops": getattr(getattr(self, "tx", None), "drops", 0),
-                  "frames_sent": getattr(getattr(self, "tx", None), "frames_sent", 0),
-                  "tx_lateness_ms": self.tx.lateness_summary() if hasattr(self, "tx") else {},
-                  "speculation": dict(self.fsm.spec_counts) if hasattr(self, "fsm") else {},
-                  "greeting": self._timelines[0].to_record(self.call_sid, 0, self.t0, {})}
+                  "tx_drops": self.tx.drops, "frames_sent": self.tx.frames_sent,
+                  "tx_lateness_ms": self.tx.lateness_summary(), "speculation": dict(self._speculation),
+                  "greeting": self._greeting.to_record(self.call_sid, 0, self.t0, {})}
         self._svc.sink.emit_call(record)
         for observer in self._svc.observers:
             observer(record | {"kind": "call"})
@@ -265,9 +248,9 @@ class Call:
         self.stt.push_audio(payload, at)
 
     def _on_mark(self, name: str) -> None:
-        for job in self._jobs.values():
-            if job.owns_mark(name):
-                job.mark_echoed(name, trio.current_time())
+        for turn in self._turns.values():
+            if turn.job.owns_mark(name):
+                turn.job.mark_echoed(name, trio.current_time())
                 return
 
     # -- the FSM -----------------------------------------------------------
@@ -281,9 +264,8 @@ class Call:
             if name not in self._results_seen:
                 self._results_seen.add(name)
                 self._results_at.append((name, event.at))
-        before, spec_before = self.fsm.state, dict(self.fsm.spec_counts)
+        before = self.fsm.state
         actions = self.fsm.handle(event)
-        self._note_speculation(spec_before)
         for state in self.fsm.path:
             self.states.append(state.name)
             log.info("call=%s %s->%s on %s +%dms", self.call_sid, before.name, state.name,
@@ -291,31 +273,11 @@ class Call:
             before = state
         for action in actions:
             self._carry_out(action)
-        if isinstance(event, fsm.PlaybackDone) and event.reply in self._jobs:
-            self._close_turn(event.reply)
         self._rearm.set()
 
-    def _note_speculation(self, before: dict[str, int]) -> None:
-        for count, outcome in (("hits", "hit"), ("misses", "miss"), ("late", "late")):
-            if self.fsm.spec_counts[count] > before[count]:
-                self._facts(self.fsm.reply)["speculation"] = outcome
-
     def _carry_out(self, action: fsm.Action) -> None:
-        if isinstance(action, fsm.PlayGreeting):
-            self._play_greeting()
-        elif isinstance(action, fsm.StartReply):
-            self._start_reply(action)
-        elif isinstance(action, fsm.AdoptDraft):
-            self._adopt_draft(action)
-        elif isinstance(action, fsm.BeginPlayback):
-            self._facts(action.reply)["breath_ms"] = round(self.fsm.breath_s * 1000, 1)
-            self._jobs[action.reply].begin.set()
-        elif isinstance(action, fsm.StopPlayback):
-            self.tx.clear(twilio.render_clear(self.stream_sid))
-        elif isinstance(action, fsm.CancelReply):
-            self._cancel_reply(action.reply, resumes_turn=action.resumes_turn)
-        elif isinstance(action, fsm.TranscribeFallback):
-            self._nursery.start_soon(self._transcribe_fallback, action)
+        handler = _ACTIONS[type(action)]
+        handler(self, action)
 
     async def _run_timers(self) -> None:
         while True:
@@ -325,102 +287,141 @@ class Call:
                 continue
             self._dispatch(fsm.Tick(at=trio.current_time()))
 
-    # -- replies -------------------------------------------------------------
+    # -- actions -------------------------------------------------------------
 
-    def _new_job(self, reply: int, **stamps: str) -> ReplyJob:
-        timeline = self._timelines.setdefault(reply, telemetry.TurnTimeline())
-        cfg, cache = self._svc.config, self._svc.cache
+    def _new_turn(self, reply: int, **stamps: str | None) -> _Turn:
+        timeline = telemetry.TurnTimeline() if reply != 0 else self._greeting
+        if reply > 0:
+            self._latest = timeline
         fillers = self.business.fillers
-        filler = cache.get(self.voice, fillers[reply % len(fillers)]) if fillers else None
-        job = ReplyJob(reply, tx=self.tx, stream_sid=self.stream_sid, emit=self._dispatch,
-                       stamp=lambda name: timeline.stamp(name, trio.current_time()),
-                       apology=cache.get(self.voice, self.business.apology), tts=self._svc.tts,
-                       voice=self.voice, filler=filler if cfg.llm.filler_after_ms > 0 else None,
-                       mark_timeout_s=cfg.audio.mark_timeout_ms / 1000, **stamps)
-        self._jobs[reply] = job
-        return job
+        filler = self._svc.cache.get(self.voice, fillers[reply % len(fillers)]) if fillers else None
+        outlet = Outlet(tx=self.tx, stream_sid=self.stream_sid, emit=self._dispatch,
+                        stamp=lambda name: timeline.stamp(name, trio.current_time()))
+        job = ReplyJob(reply, outlet, apology=self._svc.cache.get(self.voice, self.business.apology),
+                       filler=filler, voicing=self._svc.voicing(self.business),
+                       stamps=(stamps.get("first", "first_reply_frame_sent"), stamps.get("last")))
+        self._turns[reply] = turn = _Turn(job=job, timeline=timeline)
+        return turn
 
-    def _play_greeting(self) -> None:
-        job = self._new_job(0, first_frame_stamp="greeting_started",
-                            last_frame_stamp="greeting_last_frame_sent")
-        greeting = self._svc.cache.get(self.voice, self.business.greeting)
-        self._nursery.start_soon(lambda: job.run(canned=[greeting] if greeting else []))
-        job.begin.set()
+    def _play_canned(self, reply: int, text: str, *, first: str, last: str | None) -> None:
+        turn = self._new_turn(reply, first=first, last=last)
+        piece: Piece | None = self._svc.cache.get(self.voice, text) if text else None
+        self._nursery.start_soon(lambda: turn.job.run(canned=[piece] if piece else []))
+        turn.job.release()
+
+    def _play_greeting(self, action: fsm.PlayGreeting) -> None:
+        self._play_canned(0, self.business.greeting, first="greeting_started", last="greeting_last_frame_sent")
+
+    def _play_goodbye(self, action: fsm.PlayGoodbye) -> None:
+        self._play_canned(fsm.GOODBYE, self.business.goodbye, first="first_reply_frame_sent", last=None)
 
     def _start_reply(self, action: fsm.StartReply) -> None:
-        job = self._new_job(action.reply)
-        timeline = self._timelines[action.reply]
-        messages = build_messages(self.business.system_prompt, self._recent_history(), action.text)
+        turn = self._new_turn(action.reply)
+        messages = build_messages(self.business.system_prompt,
+                                  [(m["role"], m["content"]) for m in self._recent_history()], action.text)
         think = chat_thinker(self._svc.chat, messages,
                              first_clause_min_chars=self._svc.config.llm.first_clause_min_chars,
-                             stamp=lambda name: timeline.stamp(name, trio.current_time()))
-        self._nursery.start_soon(lambda: job.run(think=think))
+                             stamp=lambda name: turn.timeline.stamp(name, trio.current_time()))
+        self._nursery.start_soon(lambda: turn.job.run(think=think))
         if action.draft:
-            job.draft = True  # think now; speak only if the turn ends on these words
-            if self._svc.config.spec.synthesize_draft:
-                job.gate.set()
+            self._speculation["drafts"] += 1
+            turn.draft = True  # think now; speak only if the turn ends on these words
+            if action.voice_draft:
+                turn.job.voice_now()
         else:
-            self._take_turn(action.reply, action.text, action.speech_start_at, action.speech_end_at)
+            self._take_turn(action.reply, action)
 
     def _adopt_draft(self, action: fsm.AdoptDraft) -> None:
-        job = self._jobs[action.reply]
-        job.draft = False
-        self._take_turn(action.reply, action.text, action.speech_start_at, action.speech_end_at)
+        self._turns[action.reply].draft = False
+        self._take_turn(action.reply, action)
 
-    def _take_turn(self, reply: int, text: str, speech_start_at: float, speech_end_at: float) -> None:
+    def _take_turn(self, reply: int, action: fsm.StartReply | fsm.AdoptDraft) -> None:
         """Reply ``reply`` answers the caller's turn: telemetry, history, and let it speak."""
-        timeline = self._timelines[reply]
-        timeline.stamp("speech_start", speech_start_at)
-        timeline.stamp("speech_end", speech_end_at)
+        turn = self._turns[reply]
+        turn.timeline.stamp("speech_start", action.speech_start_at)
+        turn.timeline.stamp("speech_end", action.speech_end_at)
         for name, at in self._results_at:
-            if at >= speech_start_at:
-                timeline.stamp(name, at)  # the first of each kind wins
+            if at >= action.speech_start_at:
+                turn.timeline.stamp(name, at)  # the first of each kind wins
         self._results_at.clear()
         self._turns_taken += 1
-        self._facts(reply).update(turn=self._turns_taken, reply=reply,
-                                  required_silence_ms=round(self.fsm.required_silence_s * 1000, 1))
-        self.history.append(("user", text))
-        self._user_text[reply] = text
-        job = self._jobs[reply]
-        job.filler_at = speech_end_at + self._svc.config.llm.filler_after_ms / 1000
-        job.gate.set()
+        if action.speculation != "none":
+            self._speculation[{"hit": "hits", "miss": "misses", "late": "late"}[action.speculation]] += 1
+        turn.facts.update(turn=self._turns_taken, reply=reply, speculation=action.speculation,
+                          required_silence_ms=round(action.required_silence_s * 1000, 1))
+        turn.fallbacks.extend(action.fallbacks)
+        turn.caller_text = action.text
+        self.history = self.history.said_by_caller(action.text)
+        turn.job.voice_now()
         if self.business.log_transcripts:
-            log.info("call=%s turn=%d caller: %s", self.call_sid, reply, text)
+            log.info("call=%s turn=%d caller: %s", self.call_sid, reply, action.text)
 
-    def _facts(self, reply: int) -> dict:
-        return self._turn_facts.setdefault(reply, {})
+    def _recent_history(self):
+        return self.history.recent(self._svc.config.llm.history_turns)
 
-    def _recent_history(self) -> list[tuple[str, str]]:
-        return self.history[-2 * self._svc.config.llm.history_turns:]
+    def _begin_playback(self, action: fsm.BeginPlayback) -> None:
+        turn = self._turns[action.reply]
+        turn.facts["breath_ms"] = round(action.breath_s * 1000, 1)
+        turn.job.release()
 
-    def _cancel_reply(self, reply: int, *, resumes_turn: bool = False) -> None:
-        if reply in self._jobs:
-            self._close_turn(reply, interrupted=True, resumes_turn=resumes_turn)
+    def _say_filler(self, action: fsm.SayFiller) -> None:
+        if action.reply in self._turns:
+            self._turns[action.reply].job.say_filler()
+
+    def _stop_playback(self, action: fsm.StopPlayback) -> None:
+        self.tx.clear(twilio.render_clear(self.stream_sid))
+
+    def _cancel_reply(self, action: fsm.CancelReply) -> None:
+        if action.reply in self._turns:
+            self._close_turn(action.reply, interrupted=True, resumes_turn=action.resumes_turn)
+
+    def _reply_finished(self, action: fsm.ReplyFinished) -> None:
+        if action.marks_lost:
+            log.warning("call=%s reply %d: marks never came back; assuming playback ended",
+                        self.call_sid, action.reply)
+        if action.reply in self._turns:
+            if action.marks_lost:
+                self._turns[action.reply].fallbacks.append("mark_timeout")
+            self._close_turn(action.reply)
+
+    def _transcribe(self, action: fsm.TranscribeFallback) -> None:
+        self._nursery.start_soon(self._transcribe_fallback, action)
+
+    def _end_call(self, action: fsm.EndCall) -> None:
+        self.end_now(action.reason)
 
     def _close_turn(self, reply: int, *, interrupted: bool = False, resumes_turn: bool = False) -> None:
         """Record what the caller actually heard and emit the turn's telemetry."""
-        job = self._jobs.pop(reply)
+        turn = self._turns.pop(reply)
+        job = turn.job
         job.scope.cancel()
         if interrupted:  # marks are the proof of playback; the clock covers a Twilio that never echoes
             lead_s = self.tx.lead_frames * FRAME_S + _PLAYOUT_MARGIN_S
             said = " ".join(job.heard_by(trio.current_time(), playout_margin_s=lead_s))
         else:
             said = " ".join(job.spoken)
-        if reply > 0 and not job.draft:
-            if resumes_turn and self.history and self.history[-1] == ("user", self._user_text.get(reply)):
-                self.history.pop()  # the FSM puts these words back into the turn still going on
-            elif said:
-                self.history.append(("assistant", said))
-            facts = self._turn_facts.pop(reply, {})
-            record = self._timelines[reply].to_record(
-                self.call_sid, facts.pop("turn", 0), self.t0,
-                {"interrupted": interrupted, "failed": job.failed, "reply_text": " ".join(job.spoken),
-                 "caller_text": self._user_text.get(reply, "") if self.business.log_transcripts else None,
-                 "speculation": "none", **facts})
-            self._svc.sink.emit_turn(record)
-            for observer in self._svc.observers:
-                observer(record | {"kind": "turn", "caller_text": self._user_text.get(reply, ""),
-                                   "reply_text": " ".join(job.spoken)})
+        if reply <= 0 or turn.draft:
+            return
+        if resumes_turn:
+            self.history = self.history.turn_resumed(turn.caller_text)  # the words rejoin the turn going on
+        else:
+            self.history = self.history.heard_by_caller(said)
+        self._emit_turn(turn, interrupted)
+
+    def _emit_turn(self, turn: _Turn, interrupted: bool) -> None:
+        job, facts = turn.job, dict(turn.facts)
+        fallbacks = [*turn.fallbacks, *(["filler"] if job.filler_said else []),
+                     *(["apology"] if job.apologized else [])]
+        record = turn.timeline.to_record(
+            self.call_sid, facts.pop("turn", 0), self.t0,
+            {"business": self.business.name, "interrupted": interrupted, "failed": job.failed,
+             "reply_text": " ".join(job.spoken),
+             "caller_text": turn.caller_text if self.business.log_transcripts else None,
+             "fallbacks": fallbacks, "speculation": "none", **facts})
+        self._svc.sink.emit_turn(record)
+        for observer in self._svc.observers:
+            observer(record | {"kind": "turn", "caller_text": turn.caller_text,
+                               "reply_text": " ".join(job.spoken)})
 
     async def _transcribe_fallback(self, action: fsm.TranscribeFallback) -> None:
         audio = self.stt.audio_between(action.speech_start_at - _FALLBACK_MARGIN_S,
@@ -443,7 +444,7 @@ class Call:
             await trio.sleep(interval)
             fps = (self.tx.frames_sent - sent) / interval
             sent = self.tx.frames_sent
-            stages = self._timelines[max(self._timelines)].stages()
+            stages = self._latest.stages()
             log.info("call=%s %s", self.call_sid, telemetry.format_stats_line(
                 fps=fps, queue=self.tx.queued_frames, drops=self.tx.drops,
                 stt_partial_s=_s(stages.get("stt_partial")), stt_final_s=_s(stages.get("stt_final")),
@@ -452,3 +453,19 @@ class Call:
 
 def _s(ms: float | None) -> float | None:
     return None if ms is None else ms / 1000
+
+
+# What each action does: the driver's whole repertoire, one method per action type.
+_ACTIONS: dict[type, Callable[[Call, fsm.Action], None]] = {
+    fsm.PlayGreeting: Call._play_greeting,
+    fsm.StartReply: Call._start_reply,
+    fsm.AdoptDraft: Call._adopt_draft,
+    fsm.BeginPlayback: Call._begin_playback,
+    fsm.SayFiller: Call._say_filler,
+    fsm.StopPlayback: Call._stop_playback,
+    fsm.CancelReply: Call._cancel_reply,
+    fsm.ReplyFinished: Call._reply_finished,
+    fsm.TranscribeFallback: Call._transcribe,
+    fsm.PlayGoodbye: Call._play_goodbye,
+    fsm.EndCall: Call._end_call,
+}

@@ -138,6 +138,8 @@ class VadConfig:
     aggressiveness: int = _opt(2, lo=0, hi=3)
     speech_start_ms: int = _opt(60, _MS)
     hangover_ms: int = _opt(220, _MS)
+    frame_ms: int = _opt(20, lo=10, hi=30)  # webrtcvad takes 10, 20 or 30 (VadSettings checks which)
+    energy_floor_dbfs: float = _opt(-55.0, lo=-120.0, hi=-0.1)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -177,6 +179,7 @@ class SttConfig:
     final_timeout_ms: int = _opt(320, _MS)
     open_attempts: int = _opt(3, lo=1)
     open_timeout_ms: int = _opt(3000, _TIMEOUT_MS)
+    retry_after_ms: int = _opt(10000, _TIMEOUT_MS)
     fallback_timeout_ms: int = _opt(5000, _TIMEOUT_MS)
     rotate_after_s: float = _opt(240.0, lo=5, hi=300)
 
@@ -240,6 +243,7 @@ class Business:
     greeting: str
     system_prompt: str
     apology: str = _opt("", allow_empty=True)  # said when the LLM fails; "" = say nothing
+    goodbye: str = _opt("", allow_empty=True)  # said when the agent ends the call; "" = say nothing
     fillers: tuple[str, ...] = _opt((), allow_empty=True)
     log_transcripts: bool = False
     rules: tuple[Rule, ...] = ()

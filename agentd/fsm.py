@@ -6,25 +6,28 @@ A call is a conversation of turns. The caller's voice is reported by two
 independent sources: the VAD (fast, says *when* the caller speaks) and the
 recogniser (slow, says *what* was said). Neither alone ends a turn: Google's
 ``is_final`` closes a transcript *segment* (one sentence with a pause gives
-several), and VAD silence may be a breath. The FSM combines them:
+several), and VAD silence may be a breath. The FSM combines them.
 
-    GREETING --PlaybackDone--> REFRACTORY --window closes--> LISTENING
-    LISTENING --enough silence after enough speech--> FINALIZING
-    FINALIZING --final arrives / final timeout--> THINKING   (nothing heard -> LISTENING)
-    FINALIZING --caller resumes--> LISTENING (same turn)
-    THINKING --first reply audio + breath delay--> SPEAKING
-    SPEAKING --last mark back--> REFRACTORY
-    GREETING/THINKING/SPEAKING --sustained caller speech--> LISTENING (barge-in)
-    any --Hangup--> ENDED
+``_TABLE`` is the whole machine. Each row is keyed by (state, event type) or
+(state, timer kind) and names its handler and every state it may lead to
+(none: it never leaves the state). Timers are events like any other: the
+driver asks ``next_deadline()`` and sends ``Tick(at=now)``; each timer due by
+then fires *as of its deadline*, through its own row, so decisions do not
+depend on how late the driver ticked. A pair missing from the table raises
+``FsmError`` naming the culprit (the driver for an event, this module for a
+timer); harmless stragglers have explicit ignore rows. No handler looks at
+the current state: where two states behave differently they have different
+handlers. ``python -m agentd.fsm --diagram`` draws the table (docs/fsm.md).
 
-The FSM is sans-I/O (STYLE.md rule 1): it imports no Trio, sockets or clocks.
-Events carry ``at`` (seconds on the call's clock); timers are answered by
-``next_deadline()`` and fired by ``Tick(at=now)``. A timer fires *as of its
-deadline*, so decisions do not depend on how late the driver ticked.
-``handle(event)`` returns the actions for the driver to carry out.
+Facts the rules keep between events (not states): the open utterance, the
+transcript, the last committed turn (to drop late results and to resume it),
+whether streaming STT is up, whether a sustained interruption only waits for
+words, and the speculation bookkeeping (``agentd.speculation``).
 
-Every (state, event type) pair is in ``_TRANSITIONS``: a transition or an
-explicit ignore. A missing pair raises ``FsmError`` -- that is a driver bug.
+The FSM is sans-I/O: it imports no Trio, sockets or clocks. ``handle(event)``
+returns the actions for the driver to carry out; actions carry the facts the
+driver records. Every timeout of the call is here, including the filler and
+the wait for Twilio's last mark.
 
 Transcripts: results whose audio ends before the last commit belong to a turn
 already answered (Google's late final for a partial we committed on); they are
@@ -40,213 +43,34 @@ cancelled -- a draft is never heard unless the caller ended with its words.
 
 Barge-in needs sustained speech (``barge_in_min_s``), counted only after the
 echo guard at the start of agent audio, and optionally recognized words, so
-line noise and the agent's own echo do not interrupt it.
+line noise and the agent's own echo do not interrupt it. ``WindDown`` (the
+agent ends the call) stops everything, plays the goodbye in CLOSING, which
+the caller cannot interrupt, and ends the call with ``EndCall``.
 """
 
 from __future__ import annotations
 
-import enum
 import random
+import sys
+import typing
 from dataclasses import dataclass, field
 
 from agentd import text as textrules
-
-
-class State(enum.Enum):
-    GREETING = "GREETING"
-    LISTENING = "LISTENING"
-    FINALIZING = "FINALIZING"
-    THINKING = "THINKING"
-    SPEAKING = "SPEAKING"
-    REFRACTORY = "REFRACTORY"
-    ENDED = "ENDED"
-
-
-class FsmError(Exception):
-    """The driver fed an event the FSM cannot take in this state (our bug)."""
-
-
-# ---------------------------------------------------------------- events ---
-
-_EV = dict(frozen=True, slots=True, kw_only=True)
-
-
-@dataclass(**_EV)
-class CallStarted:
-    at: float
-
-
-@dataclass(**_EV)
-class SpeechStarted:
-    """VAD: the caller's voice began at ``at``."""
-
-    at: float
-
-
-@dataclass(**_EV)
-class SpeechEnded:
-    """VAD: the last voiced audio ended at ``at`` (reported after the hangover)."""
-
-    at: float
-
-
-@dataclass(**_EV)
-class Partial:
-    """Interim transcript of the open segment; ``audio_end_at`` maps the
-    recogniser's result_end_time onto the call clock."""
-
-    at: float
-    text: str
-    audio_end_at: float
-
-
-@dataclass(**_EV)
-class Final:
-    """A closed transcript segment (not the end of the caller's turn)."""
-
-    at: float
-    text: str
-    audio_end_at: float
-
-
-@dataclass(**_EV)
-class SttReady:
-    """The streaming recogniser is open (again)."""
-
-    at: float
-
-
-@dataclass(**_EV)
-class SttLost:
-    """Streaming recognition gave up; turns are transcribed by the fallback."""
-
-    at: float
-
-
-@dataclass(**_EV)
-class ReplyAudioReady:
-    """The first audio of reply ``reply`` is synthesized and waiting."""
-
-    at: float
-    reply: int
-
-
-@dataclass(**_EV)
-class PlaybackDone:
-    """Twilio echoed the last mark of reply ``reply`` (0 = the greeting)."""
-
-    at: float
-    reply: int
-
-
-@dataclass(**_EV)
-class Tick:
-    at: float
-
-
-@dataclass(**_EV)
-class Hangup:
-    at: float
-
-
-Event = (
-    CallStarted | SpeechStarted | SpeechEnded | Partial | Final | SttReady | SttLost
-    | ReplyAudioReady | PlaybackDone | Tick | Hangup
+from agentd.fsm_events import (
+    GOODBYE, Action, AdoptDraft, BeginPlayback, CallStarted, CancelReply, EndCall, Event, Final, FsmError,
+    Hangup, Partial, PlaybackDone, PlayGoodbye, PlayGreeting, ReplyAudioReady, ReplyFinished, ReplyQueued,
+    SayFiller, SpeechEnded, SpeechStarted, StartReply, State, StopPlayback, SttLost, SttReady, Tick, Timer,
+    TranscribeFallback, TurnSettings, WindDown,
 )
+from agentd.speculation import Speculation
 
-# --------------------------------------------------------------- actions ---
-
-
-@dataclass(**_EV)
-class PlayGreeting:
-    """Queue the business's pre-synthesized greeting (reply 0)."""
-
-
-@dataclass(**_EV)
-class StartReply:
-    """Ask the LLM for reply ``reply`` to ``text`` and synthesize it; do not play yet."""
-
-    reply: int
-    text: str
-    speech_start_at: float
-    speech_end_at: float
-    draft: bool = False  # speculative: think (and maybe synthesize) but never play unless adopted
-
-
-@dataclass(**_EV)
-class AdoptDraft:
-    """The turn ended on the words draft ``reply`` was built on: it becomes the reply."""
-
-    reply: int
-    text: str
-    speech_start_at: float
-    speech_end_at: float
-
-
-@dataclass(**_EV)
-class BeginPlayback:
-    """Release reply ``reply``'s audio to the TX queue."""
-
-    reply: int
-
-
-@dataclass(**_EV)
-class StopPlayback:
-    """Barge-in: send Twilio ``clear`` and drop queued agent audio."""
-
-
-@dataclass(**_EV)
-class CancelReply:
-    """Abandon reply ``reply``'s LLM/TTS work. ``resumes_turn``: the caller's
-    answered words rejoin the turn being spoken (so drop them from history)."""
-
-    reply: int
-    resumes_turn: bool = False
-
-
-@dataclass(**_EV)
-class TranscribeFallback:
-    """Streaming STT is down: transcribe this stretch of buffered audio."""
-
-    speech_start_at: float
-    speech_end_at: float
-
-
-Action = PlayGreeting | StartReply | AdoptDraft | BeginPlayback | StopPlayback | CancelReply | TranscribeFallback
-
-
-# -------------------------------------------------------------- settings ---
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class TurnSettings:
-    """The FSM's numbers, in seconds (built from config by the driver)."""
-
-    min_utt_s: float = 0.6
-    min_silence_short_s: float = 0.5
-    min_silence_long_s: float = 1.8
-    long_utterance_s: float = 2.0
-    hangover_s: float = 0.22
-    final_timeout_s: float = 0.32
-    fallback_timeout_s: float = 5.0
-    refractory_s: float = 1.1
-    breath_min_s: float = 0.05
-    breath_max_s: float = 0.12
-    barge_in_enabled: bool = True
-    barge_in_min_s: float = 0.3
-    barge_in_guard_s: float = 0.0  # speech in the first moments of agent audio never interrupts
-    # The VAD reports the end of speech only after its hangover: wait that long too, so
-    # speech shorter than barge_in_min_s is known to have ended before it could interrupt.
-    barge_in_confirm_s: float = 0.0
-    barge_in_requires_words: bool = False  # noise and echo carry no words
-    greeting_barge_in: bool = True
-    early_finalize: bool = False
-    strong_punct_min_chars: int = 12
-    strong_bare_min_chars: int = 18
-    spec_enabled: bool = False
-    spec_min_chars: int = 14
-    spec_stable_s: float = 0.25
-    spec_wait_s: float = 0.4
+__all__ = [
+    "GOODBYE", "Action", "AdoptDraft", "BeginPlayback", "CallFSM", "CallStarted", "CancelReply", "EndCall",
+    "Event", "Final", "FsmError", "Hangup", "Partial", "PlayGoodbye", "PlayGreeting", "PlaybackDone",
+    "ReplyAudioReady", "ReplyFinished", "ReplyQueued", "SayFiller", "SpeechEnded", "SpeechStarted",
+    "StartReply", "State", "StopPlayback", "SttLost", "SttReady", "Tick", "Timer", "TranscribeFallback",
+    "TurnSettings", "WindDown", "mermaid",
+]
 
 
 # ----------------------------------------------------------- call memory ---
@@ -259,15 +83,6 @@ class _Utterance:
     start_at: float
     voiced: bool = True
     end_at: float | None = None  # last voiced instant, None while voiced
-
-
-@dataclass(slots=True)
-class _Draft:
-    """A speculative reply built on a stable partial transcript."""
-
-    reply: int
-    text: str
-    ready: bool = False  # its first audio exists
 
 
 @dataclass(slots=True)
@@ -285,41 +100,47 @@ class _Transcript:
         self.partial = ""
 
 
+@dataclass(frozen=True, slots=True)
+class _Turn:
+    """The caller's last committed turn."""
+
+    at: float = float("-inf")  # when it was committed
+    text: str = ""
+    start_at: float = 0.0
+    end_at: float = 0.0
+    silence_s: float = 0.0  # the silence the end-of-turn rule demanded
+    fallbacks: tuple[str, ...] = ()
+
+
 # ------------------------------------------------------------------- FSM ---
 
 
 class CallFSM:
     """One call's decisions. Feed events with ``handle``; honour the actions."""
 
-    def __init__(self, settings: TurnSettings | None = None, *, rng: random.Random | None = None):
-        self.settings = settings or TurnSettings()
+    def __init__(self, settings: TurnSettings, *, rng: random.Random | None = None):
+        self.settings = settings
         self.state = State.GREETING
         self.path: tuple[State, ...] = ()  # states entered by the last handle(), in order
-        self.streaming_stt = True
+        self.streaming_stt = settings.streaming_stt
+        self.spec = Speculation(min_chars=settings.spec_min_chars)
+        self.breath_s = 0.0  # the breath before the last playback (also in BeginPlayback)
         self._rng = rng or random.Random()
-        self._timers: dict[str, float] = {}
+        self._timers: dict[Timer, float] = {}
         self._utt: _Utterance | None = None
         self._transcript = _Transcript()
         self._reply = 0  # the reply being thought about or spoken (0 = greeting)
         self._replies_started = 0
-        self._committed_at = float("-inf")
-        self._committed_text = ""
-        self._committed_start = 0.0
-        self._speak_when_quiet = False  # the reply is ready but the caller is talking
+        self._turn = _Turn()
+        self._via_fallback = False  # the open turn is transcribed by the unary fallback
         self._audio_since = 0.0  # when the agent's current playback began
         self._last_words_at = float("-inf")  # when the recognizer last heard words
-        self._barge_wants_words = False  # sustained speech, waiting for words to interrupt
-        self._committed_end = 0.0
+        self._awaiting_words = False  # sustained speech that may interrupt once words are heard
         self._eot_silence = 0.0
-        self._draft: _Draft | None = None
-        self._spec_candidate = ""  # normalized transcript the "spec" timer is watching
-        # Facts for telemetry, read by the driver after a commit / BeginPlayback.
-        self.required_silence_s = 0.0  # silence the end-of-turn rule demanded
-        self.breath_s = 0.0  # breath delay before the last playback
-        self.spec_counts = {"drafts": 0, "hits": 0, "misses": 0, "late": 0}
+        self._end_reason = ""
 
     def __repr__(self) -> str:
-        timers = ", ".join(f"{k}@{v:.3f}" for k, v in sorted(self._timers.items()))
+        timers = ", ".join(f"{k.value}@{v:.3f}" for k, v in sorted(self._timers.items(), key=lambda kv: kv[0].value))
         return f"<CallFSM {self.state.name} reply={self._reply} text={self.transcript!r} timers=[{timers}]>"
 
     # -- public queries ----------------------------------------------------
@@ -332,41 +153,65 @@ class CallFSM:
     def reply(self) -> int:
         return self._reply
 
+    @property
+    def required_silence_s(self) -> float:
+        """The silence the end-of-turn rule demanded of the last committed turn."""
+        return self._turn.silence_s
+
+    @property
+    def spec_counts(self) -> dict[str, int]:
+        return dict(self.spec.counts)
+
     def next_deadline(self) -> float:
         """When the driver must send the next ``Tick`` (inf: no timer armed)."""
         return min(self._timers.values(), default=float("inf"))
 
     def handle(self, event: Event) -> list[Action]:
         """Apply one event; return the actions the driver must carry out, in order."""
-        try:
-            rule = _TRANSITIONS[self.state, type(event)]
-        except KeyError:
-            raise FsmError(f"{type(event).__name__} is not expected in {self.state.name}") from None
         self.path = ()
-        return rule(self, event) or []
+        if isinstance(event, Tick):
+            return self._on_tick(event.at)
+        if (self.state, type(event)) not in _TABLE:
+            raise FsmError(f"{type(event).__name__} is not expected in {self.state.name} "
+                           "(the driver fed an event this state has no rule for)")
+        return self._apply((self.state, type(event)), event)
 
     # -- plumbing ----------------------------------------------------------
 
-    def _ignore(self, event: Event) -> None:
+    def _on_tick(self, now: float) -> list[Action]:
+        actions: list[Action] = []
+        while self._timers:
+            timer, when = min(self._timers.items(), key=lambda kv: kv[1])
+            if when > now:
+                break
+            del self._timers[timer]
+            if (self.state, timer) not in _TABLE:
+                raise FsmError(f"timer {timer.name} fired in {self.state.name}, which has no rule for it "
+                               "(an FSM bug: a state kept a timer it cannot handle)")
+            actions += self._apply((self.state, timer), when)
+        return actions
+
+    def _apply(self, key: tuple[State, type | Timer], arg: Event | float) -> list[Action]:
+        row = _TABLE[key]
+        entered = len(self.path)
+        actions = row.handler(self, arg) or []
+        for state in self.path[entered:]:
+            if state not in row.targets:
+                raise FsmError(f"row {key[0].name} x {_name(key[1])} entered {state.name}, "
+                               "which the table does not list (an FSM bug)")
+        return actions
+
+    def _ignore(self, event: Event | float) -> None:
         return None
 
-    def _enter(self, state: State, *, keep: tuple[str, ...] = ()) -> None:
+    def _enter(self, state: State, *, keep: tuple[Timer, ...] = ()) -> None:
+        """Move to ``state``; timers belong to the state they were armed in, except ``keep``."""
         if state is not self.state:
             self.path += (state,)
         self.state = state
-        kept = {name: self._timers[name] for name in keep if name in self._timers}
+        kept = {timer: self._timers[timer] for timer in keep if timer in self._timers}
         self._timers.clear()
         self._timers.update(kept)
-
-    def _on_tick(self, event: Tick) -> list[Action]:
-        actions: list[Action] = []
-        while self._timers:
-            name, when = min(self._timers.items(), key=lambda kv: kv[1])
-            if when > event.at:
-                break
-            del self._timers[name]
-            actions += _TIMERS[name](self, when)
-        return actions
 
     def _silence_needed(self, utt: _Utterance) -> float:
         s = self.settings
@@ -379,12 +224,13 @@ class CallFSM:
         self._audio_since = event.at
         return [PlayGreeting()]
 
-    def _greeting_speech(self, event: SpeechStarted) -> list[Action]:
+    def _greeting_speech(self, event: SpeechStarted) -> None:
         if self.settings.greeting_barge_in:
-            return self._arm_barge_in(event)
-        return self._hold_speech(event)
+            self._speech_over_audio(event)
+        else:
+            self._hold_speech(event)
 
-    # -- speech bookkeeping shared by several states -----------------------
+    # -- caller speech, in every state -------------------------------------
 
     def _hold_speech(self, event: SpeechStarted) -> None:
         """Remember caller speech without acting on it yet.
@@ -409,33 +255,29 @@ class CallFSM:
         if self._utt is not None:
             self._utt.voiced, self._utt.end_at = False, event.at
 
-    def _arm_barge_in(self, event: SpeechStarted) -> None:
+    def _speech_over_audio(self, event: SpeechStarted) -> None:
+        """Agent audio is playing: count towards a barge-in only after the echo guard."""
+        guard_ends = self._audio_since + self.settings.barge_in_guard_s
+        self._arm_barge_in(event, counted_from=max(event.at, guard_ends))
+
+    def _speech_while_thinking(self, event: SpeechStarted) -> None:
+        """Nothing plays, so there is no echo: count from the first voiced instant."""
+        self._arm_barge_in(event, counted_from=event.at)
+
+    def _arm_barge_in(self, event: SpeechStarted, *, counted_from: float) -> None:
         self._hold_speech(event)
         s = self.settings
         if s.barge_in_enabled:
-            counted_from = event.at
-            if self.state is not State.THINKING:  # echo guard: agent audio is playing
-                counted_from = max(event.at, self._audio_since + s.barge_in_guard_s)
-            self._timers["barge"] = counted_from + s.barge_in_min_s + s.barge_in_confirm_s
+            self._timers[Timer.BARGE_IN] = counted_from + s.barge_in_min_s + s.barge_in_confirm_s
 
     def _disarm_barge_in(self, event: SpeechEnded) -> None:
         self._release_speech(event)
-        self._timers.pop("barge", None)
-        self._barge_wants_words = False
-
-    def _result_while_talking(self, event: Partial | Final) -> list[Action]:
-        """Words may be what a sustained interruption was waiting for."""
-        self._record_result(event)
-        if self._barge_wants_words and self._heard_words_since_speech():
-            return self._barge_timer(event.at)
-        return []
-
-    def _heard_words_since_speech(self) -> bool:
-        return self._utt is not None and self._last_words_at >= self._utt.start_at
+        self._timers.pop(Timer.BARGE_IN, None)
+        self._awaiting_words = False
 
     def _record_result(self, event: Partial | Final) -> bool:
         """Add a transcript result unless it belongs to a turn already answered."""
-        if event.audio_end_at <= self._committed_at:
+        if event.audio_end_at <= self._turn.at:
             return False
         if event.text.strip():
             self._last_words_at = event.at
@@ -447,43 +289,86 @@ class CallFSM:
             self._transcript.partial = event.text.strip()
         return True
 
-    def _barge_timer(self, when: float) -> list[Action]:
-        """Caller speech lasted barge_in_min: stop talking and listen."""
+    def _heard_words_since_speech(self) -> bool:
+        return self._utt is not None and self._last_words_at >= self._utt.start_at
+
+    def _interrupt_confirmed(self) -> bool:
+        """Sustained speech interrupts, unless words are required and none came yet (noise, echo)."""
         if self.settings.barge_in_requires_words and not self._heard_words_since_speech():
-            self._barge_wants_words = True  # noise or echo so far: wait for words
-            return []
-        self._barge_wants_words = False
-        actions: list[Action] = []
-        if self.state in (State.GREETING, State.SPEAKING):
-            actions.append(StopPlayback())
-        resumes = self.state is State.THINKING
-        actions.append(CancelReply(reply=self._reply, resumes_turn=resumes))
-        if resumes:
-            self._resume_committed_turn()
+            self._awaiting_words = True
+            return False
+        self._awaiting_words = False
+        return True
+
+    def _listen_again(self) -> None:
+        """Barge-in: back to collecting the caller's turn, keeping their open utterance."""
         utt = self._utt
         self._enter(State.LISTENING)
         self._utt = utt
-        return actions
 
-    def _resume_committed_turn(self) -> None:
+    # -- barge-in over agent audio (GREETING, SPEAKING) ---------------------
+
+    def _interrupt_playback(self, when: float) -> list[Action]:
+        """Caller speech lasted barge_in_min over our audio: stop talking and listen."""
+        if not self._interrupt_confirmed():
+            return []
+        reply = self._reply
+        self._listen_again()
+        return [StopPlayback(), CancelReply(reply=reply)]
+
+    def _words_over_audio(self, event: Partial | Final) -> list[Action]:
+        """Words may be what a sustained interruption was waiting for."""
+        self._record_result(event)
+        if self._awaiting_words and self._heard_words_since_speech():
+            return self._interrupt_playback(event.at)
+        return []
+
+    # -- barge-in before we speak (THINKING, HOLDING) -----------------------
+
+    def _interrupt_thinking(self, when: float) -> list[Action]:
         """The caller kept talking before we spoke: the answered words rejoin the turn."""
-        if self._committed_text:
-            self._transcript.finals.insert(0, self._committed_text)
+        if not self._interrupt_confirmed():
+            return []
+        if self._turn.text:
+            self._transcript.finals.insert(0, self._turn.text)
         if self._utt is not None:
-            self._utt.start_at = self._committed_start
+            self._utt.start_at = self._turn.start_at
+        reply = self._reply
+        self._listen_again()
+        return [CancelReply(reply=reply, resumes_turn=True)]
 
-    # -- REFRACTORY --------------------------------------------------------
+    def _words_while_thinking(self, event: Partial | Final) -> list[Action]:
+        self._record_result(event)
+        if self._awaiting_words and self._heard_words_since_speech():
+            return self._interrupt_thinking(event.at)
+        return []
 
-    def _playback_done(self, event: PlaybackDone) -> None:
+    # -- end of a playback (GREETING, SPEAKING, CLOSING) --------------------
+
+    def _arm_mark_wait(self, event: ReplyQueued) -> None:
+        """Twilio echoes a mark when playback reaches it; one that never comes back
+        must not leave the call speaking forever."""
+        if event.reply == self._reply:
+            self._timers[Timer.MARK_WAIT] = event.at + event.playout_s + self.settings.mark_timeout_s
+
+    def _playback_done(self, event: PlaybackDone) -> list[Action]:
         if event.reply != self._reply:
-            return None  # a stale mark from a reply we already abandoned
+            return []  # a stale mark from a reply we already abandoned
+        return self._after_playback(event.at, ReplyFinished(reply=event.reply))
+
+    def _marks_lost(self, when: float) -> list[Action]:
+        return self._after_playback(when, ReplyFinished(reply=self._reply, marks_lost=True))
+
+    def _after_playback(self, now: float, finished: ReplyFinished) -> list[Action]:
         held = self._utt
         self._enter(State.REFRACTORY)
-        self._timers["refractory"] = event.at + self.settings.refractory_s
+        self._timers[Timer.REFRACTORY] = now + self.settings.refractory_s
         self._utt = held
         if held is None:
             self._transcript.clear()
-        return None
+        return [finished]
+
+    # -- REFRACTORY --------------------------------------------------------
 
     def _refractory_result(self, event: Partial | Final) -> list[Action]:
         if not self._record_result(event) or not event.text.strip():
@@ -491,9 +376,6 @@ class CallFSM:
         if self._utt is None:
             self._utt = _Utterance(start_at=event.at, voiced=False, end_at=event.at)
         return self._open_listening(event.at)
-
-    def _refractory_timer(self, when: float) -> list[Action]:
-        return self._open_listening(when)
 
     def _open_listening(self, now: float) -> list[Action]:
         utt = self._utt
@@ -507,7 +389,7 @@ class CallFSM:
 
     def _listening_speech(self, event: SpeechStarted) -> None:
         self._continue_speech(event)
-        self._timers.pop("eot", None)
+        self._timers.pop(Timer.END_OF_TURN, None)
 
     def _listening_silence(self, event: SpeechEnded) -> None:
         self._release_speech(event)
@@ -531,7 +413,7 @@ class CallFSM:
         if self.settings.early_finalize and self._is_strong(self._transcript.text()):
             deadline = min(deadline, utt.end_at + self.settings.hangover_s)
         self._eot_silence = deadline - utt.end_at
-        self._timers["eot"] = max(deadline, now)
+        self._timers[Timer.END_OF_TURN] = max(deadline, now)
 
     def _is_strong(self, text: str) -> bool:
         s = self.settings
@@ -539,19 +421,19 @@ class CallFSM:
             text, punct_min_chars=s.strong_punct_min_chars, bare_min_chars=s.strong_bare_min_chars
         )
 
-    def _eot_timer(self, when: float) -> list[Action]:
+    def _end_of_turn(self, when: float) -> list[Action]:
         utt = self._utt
         assert utt is not None and utt.end_at is not None
-        heard = bool(self._transcript.text())
-        if not heard and utt.end_at - utt.start_at < self.settings.min_utt_s:
+        if not self._transcript.text() and utt.end_at - utt.start_at < self.settings.min_utt_s:
             self._drop_utterance()  # a blip with no words: noise, not a turn
             return self._discard_draft()
-        self._enter(State.FINALIZING, keep=("spec",))
+        self._enter(State.FINALIZING, keep=(Timer.SPEC_STABLE,))
         self._utt = utt
         return self._await_transcript(when)
 
     def _drop_utterance(self) -> None:
         self._utt = None
+        self._via_fallback = False
         self._transcript.clear()
 
     # -- FINALIZING --------------------------------------------------------
@@ -562,13 +444,14 @@ class CallFSM:
         assert utt is not None
         if not self.streaming_stt:
             self._transcript.clear()  # the fallback transcribes the whole utterance again
-            self._timers.pop("spec", None)  # the words it watched are gone: no draft of nothing
-            self._spec_candidate = ""
-            self._timers["final"] = now + self.settings.fallback_timeout_s
+            self._timers.pop(Timer.SPEC_STABLE, None)  # the words it watched are gone: no draft of nothing
+            self.spec.candidate = ""
+            self._via_fallback = True
+            self._timers[Timer.FINAL_WAIT] = now + self.settings.fallback_timeout_s
             return [TranscribeFallback(speech_start_at=utt.start_at, speech_end_at=utt.end_at or now)]
         if self._transcript.finals and not self._transcript.partial:
             return self._commit(now)
-        self._timers["final"] = now + self.settings.final_timeout_s
+        self._timers[Timer.FINAL_WAIT] = now + self.settings.final_timeout_s
         return []
 
     def _finalizing_result(self, event: Partial | Final) -> list[Action]:
@@ -584,11 +467,11 @@ class CallFSM:
     def _finalizing_resumed(self, event: SpeechStarted) -> None:
         """The caller was only pausing: the same turn goes on."""
         utt = self._utt
-        self._enter(State.LISTENING, keep=("spec",))
+        self._enter(State.LISTENING, keep=(Timer.SPEC_STABLE,))
         self._utt = utt
         self._continue_speech(event)
 
-    def _final_timer(self, when: float) -> list[Action]:
+    def _final_wait_over(self, when: float) -> list[Action]:
         if not self._transcript.text():
             return self._give_up()
         return self._commit(when)
@@ -598,200 +481,321 @@ class CallFSM:
         self._drop_utterance()
         return self._discard_draft()
 
-    def _stt_lost(self, event: SttLost) -> list[Action]:
+    def _finalizing_stt_lost(self, event: SttLost) -> list[Action]:
+        """Streaming died while we waited for its final: transcribe the turn the other way."""
         was_streaming, self.streaming_stt = self.streaming_stt, False
-        if was_streaming and self.state is State.FINALIZING and "final" in self._timers:
-            return self._await_transcript(event.at)
-        return []
+        return self._await_transcript(event.at) if was_streaming else []
+
+    def _stt_lost(self, event: SttLost) -> None:
+        self.streaming_stt = False
 
     def _stt_ready(self, event: SttReady) -> None:
         self.streaming_stt = True
 
     def _commit(self, now: float) -> list[Action]:
+        """The caller's turn is over: answer it (adopting a draft built on the same words)."""
         utt = self._utt
         assert utt is not None
-        self._committed_at = now
-        self._committed_text = self._transcript.text()
-        self._committed_start = utt.start_at
-        self._committed_end = utt.end_at if utt.end_at is not None else now
-        self.required_silence_s = self._eot_silence
-        draft, self._draft = self._draft, None
-        self._spec_candidate = ""  # the next turn's words are new, even if they repeat these
+        self._turn = _Turn(at=now, text=self._transcript.text(), start_at=utt.start_at,
+                           end_at=utt.end_at if utt.end_at is not None else now, silence_s=self._eot_silence,
+                           fallbacks=("stt_recognize",) if self._via_fallback else ())
+        outcome, draft = self.spec.settle(self._turn.text)
         self._enter(State.THINKING)
-        self._speak_when_quiet = False
         self._drop_utterance()
-        if draft is None:
-            return self._fresh_reply()
-        if textrules.normalize_for_match(draft.text) != textrules.normalize_for_match(self._committed_text):
-            self.spec_counts["misses"] += 1  # never speak words the caller did not end with
-            return [CancelReply(reply=draft.reply), *self._fresh_reply()]
-        self.spec_counts["hits"] += 1
+        if outcome == "none":
+            return self._fresh_reply(now, "none")
+        if outcome == "miss":
+            return [CancelReply(reply=draft.reply), *self._fresh_reply(now, "miss")]
         self._reply = draft.reply
         if draft.ready:
             self._arm_breath(now)
         else:
-            self._timers["spec_wait"] = now + self.settings.spec_wait_s
-        return [AdoptDraft(reply=draft.reply, text=self._committed_text,
-                           speech_start_at=self._committed_start, speech_end_at=self._committed_end)]
+            self._timers[Timer.SPEC_WAIT] = now + self.settings.spec_wait_s
+            self._arm_filler()
+        turn = self._turn
+        return [AdoptDraft(reply=draft.reply, text=turn.text, speech_start_at=turn.start_at,
+                           speech_end_at=turn.end_at, required_silence_s=turn.silence_s,
+                           fallbacks=turn.fallbacks)]
 
-    def _fresh_reply(self) -> list[Action]:
+    def _fresh_reply(self, now: float, speculation: str) -> list[Action]:
         self._replies_started += 1
         self._reply = self._replies_started
-        return [StartReply(reply=self._reply, text=self._committed_text,
-                           speech_start_at=self._committed_start, speech_end_at=self._committed_end)]
+        self._arm_filler()
+        turn = self._turn
+        return [StartReply(reply=self._reply, text=turn.text, speech_start_at=turn.start_at,
+                           speech_end_at=turn.end_at, required_silence_s=turn.silence_s,
+                           speculation=speculation, fallbacks=turn.fallbacks)]
+
+    def _arm_filler(self) -> None:
+        if self.settings.filler_after_s > 0 and Timer.FILLER not in self._timers:
+            self._timers[Timer.FILLER] = self._turn.end_at + self.settings.filler_after_s
 
     # -- speculation -------------------------------------------------------
 
     def _watch_for_draft(self, now: float) -> None:
         """(Re)start the stability clock when the transcript changes."""
-        s = self.settings
-        if not s.spec_enabled:
+        if not self.settings.spec_enabled:
             return
-        text = textrules.normalize_for_match(self._transcript.text())
-        if len(text) < s.spec_min_chars:
-            self._timers.pop("spec", None)
-            self._spec_candidate = ""
-        elif text != self._spec_candidate:
-            self._spec_candidate = text
-            self._timers["spec"] = now + s.spec_stable_s
+        watch = self.spec.watch(self._transcript.text())
+        if watch is False:
+            self._timers.pop(Timer.SPEC_STABLE, None)
+        elif watch:
+            self._timers[Timer.SPEC_STABLE] = now + self.settings.spec_stable_s
 
-    def _spec_timer(self, when: float) -> list[Action]:
+    def _draft_now(self, when: float) -> list[Action]:
         """The transcript held still: draft a reply to it (replacing an older draft)."""
-        text = self._transcript.text()
-        if self._draft is not None and textrules.normalize_for_match(self._draft.text) == self._spec_candidate:
+        if self.spec.already_drafted():
             return []
-        candidate = self._spec_candidate
-        actions = self._discard_draft()
-        self._spec_candidate = candidate  # still watched: the same words must not re-arm the clock
+        text = self._transcript.text()
         self._replies_started += 1
-        self._draft = _Draft(reply=self._replies_started, text=text)
-        self.spec_counts["drafts"] += 1
+        old = self.spec.start(self._replies_started, text)
         utt = self._utt
         start = utt.start_at if utt is not None else when
         end = utt.end_at if utt is not None and utt.end_at is not None else when
-        return [*actions, StartReply(reply=self._draft.reply, text=text, speech_start_at=start,
-                                     speech_end_at=end, draft=True)]
+        cancel = [CancelReply(reply=old.reply)] if old is not None else []
+        return [*cancel, StartReply(reply=self._replies_started, text=text, speech_start_at=start,
+                                    speech_end_at=end, draft=True, voice_draft=self.settings.spec_voice_draft)]
 
     def _discard_draft(self) -> list[Action]:
-        draft, self._draft = self._draft, None
-        self._spec_candidate = ""
+        draft = self.spec.discard()
         return [CancelReply(reply=draft.reply)] if draft is not None else []
 
     def _draft_audio_ready(self, event: ReplyAudioReady) -> None:
-        if self._draft is not None and event.reply == self._draft.reply:
-            self._draft.ready = True
+        self.spec.mark_ready(event.reply)
 
-    def _spec_wait_timer(self, when: float) -> list[Action]:
+    def _draft_too_late(self, when: float) -> list[Action]:
         """The adopted draft is late: drop it and ask afresh with the final words."""
-        self.spec_counts["late"] += 1
+        self.spec.late()
         # resumes_turn: the adopted words move on to the fresh reply, so they must leave history.
-        return [CancelReply(reply=self._reply, resumes_turn=True), *self._fresh_reply()]
+        return [CancelReply(reply=self._reply, resumes_turn=True), *self._fresh_reply(when, "late")]
 
-    # -- THINKING ----------------------------------------------------------
+    # -- THINKING, HOLDING -------------------------------------------------
 
     def _reply_audio_ready(self, event: ReplyAudioReady) -> None:
-        if event.reply != self._reply or "breath" in self._timers or self._speak_when_quiet:
+        if event.reply != self._reply or Timer.BREATH in self._timers:
             return None
-        self._timers.pop("spec_wait", None)
+        self._timers.pop(Timer.SPEC_WAIT, None)
+        self._timers.pop(Timer.FILLER, None)
         self._arm_breath(event.at)
         return None
 
     def _arm_breath(self, now: float) -> None:
         s = self.settings
         self.breath_s = self._rng.uniform(s.breath_min_s, s.breath_max_s)
-        self._timers["breath"] = now + self.breath_s
+        self._timers[Timer.BREATH] = now + self.breath_s
 
-    def _breath_timer(self, when: float) -> list[Action]:
-        if "barge" in self._timers:
-            self._speak_when_quiet = True  # never start talking over the caller
+    def _say_filler(self, when: float) -> list[Action]:
+        return [SayFiller(reply=self._reply)]
+
+    def _breath_taken(self, when: float) -> list[Action]:
+        if Timer.BARGE_IN in self._timers:
+            self._enter(State.HOLDING, keep=(Timer.BARGE_IN,))  # never start talking over the caller
             return []
         self._enter(State.SPEAKING)
         self._audio_since = when
-        return [BeginPlayback(reply=self._reply)]
+        return [BeginPlayback(reply=self._reply, breath_s=self.breath_s)]
 
-    def _thinking_silence(self, event: SpeechEnded) -> None:
-        """A short interjection ended without taking the turn: speak now if we were ready."""
+    def _caller_yields(self, event: SpeechEnded) -> None:
+        """A short interjection ended without taking the turn: speak now."""
         self._disarm_barge_in(event)
-        if self._speak_when_quiet:
-            self._speak_when_quiet = False
-            self._timers["breath"] = event.at
+        self._enter(State.THINKING)
+        self._timers[Timer.BREATH] = event.at
 
-    # -- ENDED -------------------------------------------------------------
+    # -- the end -----------------------------------------------------------
+
+    def _wind_down(self, event: WindDown) -> list[Action]:
+        """Nothing is playing: say goodbye (dropping any draft)."""
+        return [*self._discard_draft(), *self._close(event)]
+
+    def _wind_down_thinking(self, event: WindDown) -> list[Action]:
+        return [*self._discard_draft(), CancelReply(reply=self._reply), *self._close(event)]
+
+    def _wind_down_playing(self, event: WindDown) -> list[Action]:
+        return [StopPlayback(), CancelReply(reply=self._reply), *self._close(event)]
+
+    def _close(self, event: WindDown) -> list[Action]:
+        self._end_reason = event.reason
+        self._reply = GOODBYE
+        self._utt = None
+        self._enter(State.CLOSING)
+        return [PlayGoodbye()]
+
+    def _goodbye_done(self, event: PlaybackDone) -> list[Action]:
+        if event.reply != GOODBYE:
+            return []  # a mark of a reply the wind-down cut off
+        self._enter(State.ENDED)
+        return [ReplyFinished(reply=GOODBYE), EndCall(reason=self._end_reason)]
+
+    def _goodbye_marks_lost(self, when: float) -> list[Action]:
+        self._enter(State.ENDED)
+        return [ReplyFinished(reply=GOODBYE, marks_lost=True), EndCall(reason=self._end_reason)]
 
     def _hangup(self, event: Hangup) -> list[Action]:
-        busy = self.state in (State.THINKING, State.SPEAKING)
         actions = self._discard_draft()
         self._enter(State.ENDED)
-        return [*actions, CancelReply(reply=self._reply)] if busy else actions
+        return actions
+
+    def _hangup_busy(self, event: Hangup) -> list[Action]:
+        """The caller left while a reply was being prepared or spoken."""
+        return [*self._hangup(event), CancelReply(reply=self._reply)]
 
 
-_TIMERS = {
-    "barge": CallFSM._barge_timer,
-    "refractory": CallFSM._refractory_timer,
-    "eot": CallFSM._eot_timer,
-    "final": CallFSM._final_timer,
-    "breath": CallFSM._breath_timer,
-    "spec": CallFSM._spec_timer,
-    "spec_wait": CallFSM._spec_wait_timer,
-}
+# ------------------------------------------------------------- the table ---
 
-G, L, F, T, S, R, E = (
-    State.GREETING, State.LISTENING, State.FINALIZING, State.THINKING,
-    State.SPEAKING, State.REFRACTORY, State.ENDED,
+
+@dataclass(frozen=True, slots=True)
+class _Row:
+    handler: typing.Callable[..., list[Action] | None]
+    targets: tuple[State, ...] = ()  # every state the row may lead to; () = it stays
+
+
+G, R, L, F, T, H, S, C, E = (
+    State.GREETING, State.REFRACTORY, State.LISTENING, State.FINALIZING, State.THINKING,
+    State.HOLDING, State.SPEAKING, State.CLOSING, State.ENDED,
 )
 _ = CallFSM
 
-# The specification. Read a row as: in STATE, on EVENT, do HANDLER.
-_TRANSITIONS = {
-    (G, CallStarted): _._start,
-    (G, SpeechStarted): _._greeting_speech,
-    (G, SpeechEnded): _._disarm_barge_in,
-    (G, Partial): _._result_while_talking,
-    (G, Final): _._result_while_talking,
-    (G, PlaybackDone): _._playback_done,
-    (G, ReplyAudioReady): _._ignore,
 
-    (R, SpeechStarted): _._hold_speech,
-    (R, SpeechEnded): _._release_speech,
-    (R, Partial): _._refractory_result,
-    (R, Final): _._refractory_result,
-    (R, PlaybackDone): _._ignore,          # stale echo of a finished reply
-    (R, ReplyAudioReady): _._ignore,
+def _rows(handler, *keys, to: tuple[State, ...] = ()) -> dict:
+    return {key: _Row(handler, to) for key in keys}
 
-    (L, SpeechStarted): _._listening_speech,
-    (L, SpeechEnded): _._listening_silence,
-    (L, Partial): _._listening_result,
-    (L, Final): _._listening_result,
-    (L, PlaybackDone): _._ignore,          # marks echoed by our own `clear`
-    (L, ReplyAudioReady): _._draft_audio_ready,  # a draft's, or an abandoned reply's
 
-    (F, SpeechStarted): _._finalizing_resumed,
-    (F, SpeechEnded): _._release_speech,
-    (F, Partial): _._finalizing_result,
-    (F, Final): _._finalizing_result,
-    (F, PlaybackDone): _._ignore,
-    (F, ReplyAudioReady): _._draft_audio_ready,
+# The specification. Read a row as: in STATE, on EVENT or TIMER, do HANDLER, possibly moving to TARGETS.
+_TABLE: dict[tuple[State, type | Timer], _Row] = {
+    (G, CallStarted): _Row(_._start),
+    (G, SpeechStarted): _Row(_._greeting_speech),
+    (G, SpeechEnded): _Row(_._disarm_barge_in),
+    **_rows(_._words_over_audio, (G, Partial), (G, Final), to=(L,)),
+    (G, ReplyAudioReady): _Row(_._ignore),
+    (G, ReplyQueued): _Row(_._arm_mark_wait),
+    (G, PlaybackDone): _Row(_._playback_done, (R,)),
+    (G, Timer.BARGE_IN): _Row(_._interrupt_playback, (L,)),
+    (G, Timer.MARK_WAIT): _Row(_._marks_lost, (R,)),
+    (G, WindDown): _Row(_._wind_down_playing, (C,)),
 
-    (T, SpeechStarted): _._arm_barge_in,
-    (T, SpeechEnded): _._thinking_silence,
-    (T, Partial): _._result_while_talking,
-    (T, Final): _._result_while_talking,
-    (T, ReplyAudioReady): _._reply_audio_ready,
-    (T, PlaybackDone): _._ignore,
+    (R, SpeechStarted): _Row(_._hold_speech),
+    (R, SpeechEnded): _Row(_._release_speech),
+    **_rows(_._refractory_result, (R, Partial), (R, Final), to=(L,)),
+    (R, ReplyAudioReady): _Row(_._ignore),
+    (R, ReplyQueued): _Row(_._ignore),
+    (R, PlaybackDone): _Row(_._ignore),  # stale echo of a finished reply
+    (R, Timer.REFRACTORY): _Row(_._open_listening, (L,)),
+    (R, WindDown): _Row(_._wind_down, (C,)),
 
-    (S, SpeechStarted): _._arm_barge_in,
-    (S, SpeechEnded): _._disarm_barge_in,
-    (S, Partial): _._result_while_talking,
-    (S, Final): _._result_while_talking,
-    (S, PlaybackDone): _._playback_done,
-    (S, ReplyAudioReady): _._ignore,       # later sentences of the reply playing now
+    (L, SpeechStarted): _Row(_._listening_speech),
+    (L, SpeechEnded): _Row(_._listening_silence),
+    **_rows(_._listening_result, (L, Partial), (L, Final)),
+    (L, ReplyAudioReady): _Row(_._draft_audio_ready),  # a draft's, or an abandoned reply's
+    (L, ReplyQueued): _Row(_._ignore),
+    (L, PlaybackDone): _Row(_._ignore),  # marks echoed by our own `clear`
+    (L, Timer.END_OF_TURN): _Row(_._end_of_turn, (F, T)),  # THINKING at once if the transcript is in
+    (L, Timer.SPEC_STABLE): _Row(_._draft_now),
+    (L, WindDown): _Row(_._wind_down, (C,)),
+
+    (F, SpeechStarted): _Row(_._finalizing_resumed, (L,)),
+    (F, SpeechEnded): _Row(_._release_speech),
+    **_rows(_._finalizing_result, (F, Partial), (F, Final), to=(T, L)),
+    (F, ReplyAudioReady): _Row(_._draft_audio_ready),
+    (F, ReplyQueued): _Row(_._ignore),
+    (F, PlaybackDone): _Row(_._ignore),
+    (F, SttLost): _Row(_._finalizing_stt_lost),
+    (F, Timer.FINAL_WAIT): _Row(_._final_wait_over, (T, L)),
+    (F, Timer.SPEC_STABLE): _Row(_._draft_now),
+    (F, WindDown): _Row(_._wind_down, (C,)),
+
+    (T, SpeechStarted): _Row(_._speech_while_thinking),
+    (T, SpeechEnded): _Row(_._disarm_barge_in),
+    **_rows(_._words_while_thinking, (T, Partial), (T, Final), to=(L,)),
+    (T, ReplyAudioReady): _Row(_._reply_audio_ready),
+    (T, ReplyQueued): _Row(_._ignore),
+    (T, PlaybackDone): _Row(_._ignore),
+    (T, Timer.BREATH): _Row(_._breath_taken, (S, H)),
+    (T, Timer.BARGE_IN): _Row(_._interrupt_thinking, (L,)),
+    (T, Timer.SPEC_WAIT): _Row(_._draft_too_late),
+    (T, Timer.FILLER): _Row(_._say_filler),
+    (T, WindDown): _Row(_._wind_down_thinking, (C,)),
+
+    (H, SpeechStarted): _Row(_._speech_while_thinking),
+    (H, SpeechEnded): _Row(_._caller_yields, (T,)),
+    **_rows(_._words_while_thinking, (H, Partial), (H, Final), to=(L,)),
+    (H, ReplyAudioReady): _Row(_._ignore),
+    (H, ReplyQueued): _Row(_._ignore),
+    (H, PlaybackDone): _Row(_._ignore),
+    (H, Timer.BARGE_IN): _Row(_._interrupt_thinking, (L,)),
+    (H, WindDown): _Row(_._wind_down_thinking, (C,)),
+
+    (S, SpeechStarted): _Row(_._speech_over_audio),
+    (S, SpeechEnded): _Row(_._disarm_barge_in),
+    **_rows(_._words_over_audio, (S, Partial), (S, Final), to=(L,)),
+    (S, ReplyAudioReady): _Row(_._ignore),  # later sentences of the reply playing now
+    (S, ReplyQueued): _Row(_._arm_mark_wait),
+    (S, PlaybackDone): _Row(_._playback_done, (R,)),
+    (S, Timer.BARGE_IN): _Row(_._interrupt_playback, (L,)),
+    (S, Timer.MARK_WAIT): _Row(_._marks_lost, (R,)),
+    (S, WindDown): _Row(_._wind_down_playing, (C,)),
+
+    # The goodbye is not interrupted: the caller's voice, words and STT changes are ignored.
+    **_rows(_._ignore, *((C, t) for t in (SpeechStarted, SpeechEnded, Partial, Final, SttReady, SttLost,
+                                            ReplyAudioReady, WindDown))),
+    (C, ReplyQueued): _Row(_._arm_mark_wait),
+    (C, PlaybackDone): _Row(_._goodbye_done, (E,)),
+    (C, Timer.MARK_WAIT): _Row(_._goodbye_marks_lost, (E,)),
 }
-for _state in (G, L, F, T, S, R):
-    _TRANSITIONS[_state, Tick] = _._on_tick
-    _TRANSITIONS[_state, Hangup] = _._hangup
-    _TRANSITIONS[_state, SttReady] = _._stt_ready
-    _TRANSITIONS[_state, SttLost] = _._stt_lost
-for _event in (SpeechStarted, SpeechEnded, Partial, Final, SttReady, SttLost,
-               ReplyAudioReady, PlaybackDone, Tick, Hangup):
-    _TRANSITIONS[E, _event] = _._ignore   # the call is over; stragglers are harmless
+for _state in (G, R, L, T, H, S):
+    _TABLE.setdefault((_state, SttLost), _Row(_._stt_lost))
+for _state in (G, R, L, F, T, H, S):
+    _TABLE[_state, SttReady] = _Row(_._stt_ready)
+for _state in (G, R, L, F, C):
+    _TABLE[_state, Hangup] = _Row(_._hangup, (E,))
+for _state in (T, H, S):
+    _TABLE[_state, Hangup] = _Row(_._hangup_busy, (E,))
+for _event in typing.get_args(Event):
+    if _event not in (CallStarted, Tick):
+        _TABLE[E, _event] = _Row(_._ignore)  # the call is over; stragglers are harmless
 del _, _state, _event
+
+
+def _name(key: type | Timer) -> str:
+    return key.name if isinstance(key, Timer) else key.__name__
+
+
+# ------------------------------------------------------------- diagram ---
+
+
+def mermaid() -> str:
+    """The table as a Mermaid ``stateDiagram-v2``: one arrow per (row, target state).
+
+    Rows that keep the state are listed in a note per state rather than drawn,
+    so the arrows show how a call moves and the notes show what each state absorbs.
+    """
+    lines = ["stateDiagram-v2", f"    [*] --> {State.GREETING.name}"]
+    arrows: dict[tuple[State, State], list[str]] = {}
+    staying: dict[State, list[str]] = {}
+    for (state, key), row in _TABLE.items():
+        for target in row.targets:
+            arrows.setdefault((state, target), []).append(_label(key))
+        if not row.targets and row.handler is not CallFSM._ignore:
+            staying.setdefault(state, []).append(_label(key))
+    for (state, target), labels in arrows.items():
+        lines.append(f"    {state.name} --> {target.name}: {', '.join(labels)}")
+    lines.append(f"    {State.ENDED.name} --> [*]")
+    for state, labels in staying.items():
+        lines.append(f"    note right of {state.name}: stays on {', '.join(labels)}")
+    return "\n".join(lines) + "\n"
+
+
+def _label(key: type | Timer) -> str:
+    return f"timer {key.name}" if isinstance(key, Timer) else key.__name__
+
+
+def main(argv: list[str]) -> int:
+    """``python -m agentd.fsm --diagram``: print the machine as Mermaid."""
+    if argv != ["--diagram"]:
+        print("usage: python -m agentd.fsm --diagram", file=sys.stderr)
+        return 2
+    print(mermaid(), end="")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main(sys.argv[1:]))

@@ -38,6 +38,8 @@ Cancellation from outside (barge-in) is never translated: it propagates, and
 the response is closed on the way out.
 """
 
+from __future__ import annotations
+
 import contextlib
 from collections.abc import AsyncIterator, Awaitable, Iterator, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager, aclosing, asynccontextmanager
@@ -48,6 +50,7 @@ import httpx
 import trio
 
 from agentd.codecs.sse import DONE, SseDecoder, parse_chat_event
+from agentd.config import Config
 from agentd.errors import UpstreamUnavailable
 
 __all__ = ["ChatModel", "ChatSettings", "OpenAIChat", "build_messages"]
@@ -69,11 +72,19 @@ class ChatSettings:
 
     base_url: str  # e.g. "https://api.openai.com/v1"; "/chat/completions" is appended
     model: str
-    max_tokens_param: str = "max_completion_tokens"  # some compatible servers only know "max_tokens"
-    max_tokens: int = 150
-    temperature: float | None = None  # None: omitted, the server's default applies
-    timeout_s: float = 10.0  # total time spent waiting on the server, per request
-    first_token_timeout_s: float = 4.0  # from request start to the first non-empty text
+    max_tokens_param: str  # some compatible servers only know "max_tokens"
+    max_tokens: int
+    temperature: float | None  # None: omitted, the server's default applies
+    timeout_s: float  # total time spent waiting on the server, per request
+    first_token_timeout_s: float  # from request start to the first non-empty text
+
+    @classmethod
+    def from_config(cls, config: Config) -> ChatSettings:
+        """The ``[llm]`` section of the loaded config (the only home of its defaults)."""
+        llm = config.llm
+        return cls(base_url=llm.base_url, model=llm.model, max_tokens_param=llm.max_tokens_param,
+                   max_tokens=llm.max_tokens, temperature=llm.temperature,
+                   timeout_s=llm.timeout_ms / 1000, first_token_timeout_s=llm.first_token_timeout_ms / 1000)
 
 
 class ChatModel(Protocol):

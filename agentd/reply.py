@@ -5,21 +5,26 @@ abandons all of it at once:
 
     think: LLM deltas -> SentenceSplitter -> sentences channel
     voice: sentences -> TTS -> pieces channel        (piece k+1 synthesizes while k plays)
-    play:  waits for BeginPlayback, then pieces -> TX frames + one mark per piece
+    play:  waits for ``release()``, then pieces -> TX frames + one mark per piece
 
-The FSM hears ``ReplyAudioReady`` when the first piece exists (even an empty
-reply reports it, so the call never waits forever) and ``PlaybackDone`` when
-the last mark comes back. Marks echoed after a ``clear`` do not count as heard
-(Twilio echoes pending marks on ``clear``): the TX epoch tells them apart.
-Failures degrade, never hang: an LLM or TTS error before anything was said
-plays the business's cached apology.
+The job decides nothing about time: the FSM says when synthesis may start
+(``voice_now``), when a filler is due (``say_filler``) and when to play
+(``release``), and it times the wait for the last mark. The job reports
+``ReplyAudioReady`` when the first piece (or the filler) exists -- even an
+empty reply reports it, so the call never waits forever -- ``ReplyQueued``
+once every piece is queued, and ``PlaybackDone`` when the last mark comes
+back. Marks echoed after a ``clear`` do not count as heard (Twilio echoes
+pending marks on ``clear``): the TX epoch tells them apart. Failures degrade,
+never hang: an LLM or TTS error before anything was said plays the business's
+cached apology.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 import trio
 
@@ -28,7 +33,7 @@ from agentd.codecs import mulaw, twilio
 from agentd.errors import UpstreamUnavailable
 from agentd.text import SentenceSplitter
 from agentd.tts_google import Synthesizer, Voice
-from agentd.tx import TxQueue
+from agentd.tx import FRAME_S, TxQueue
 
 log = logging.getLogger(__name__)
 
@@ -49,38 +54,59 @@ class _Sentence:
     cached: tuple[bytes, ...] | None = None  # pre-synthesized audio (apology)
 
 
+class ChunkedSynthesizer(Protocol):
+    """A TTS that hands over audio while the sentence is still being synthesized."""
+
+    async def synthesize_into(self, text: str, voice: Voice,
+                              sink: Callable[[bytes], Awaitable[None]]) -> None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class Voicing:
+    """How a reply's sentences become audio: whole sentences, or chunks as they come."""
+
+    voice: Voice
+    whole: Synthesizer | None = None  # exactly one of these two
+    chunked: ChunkedSynthesizer | None = None
+
+    def __post_init__(self) -> None:
+        if (self.whole is None) == (self.chunked is None):
+            raise ValueError("Voicing takes exactly one of `whole` and `chunked`")
+
+
+@dataclass(frozen=True, slots=True)
+class Outlet:
+    """Where a reply goes and how it reports: the call's TX queue, stream and FSM."""
+
+    tx: TxQueue
+    stream_sid: str
+    emit: Callable[[fsm.Event], None]
+    stamp: Callable[[str], None]  # telemetry: a named moment of this reply's timeline
+
+
 class ReplyJob:
     """Reply ``reply_id`` of a call; ``run()`` inside the call's nursery."""
 
-    def __init__(self, reply_id: int, *, tx: TxQueue, stream_sid: str,
-                 emit: Callable[[fsm.Event], None], stamp: Callable[[str], None],
-                 apology: Piece | None, tts: Synthesizer | None = None, voice: Voice | None = None,
-                 first_frame_stamp: str = "first_reply_frame_sent", last_frame_stamp: str | None = None,
-                 filler: Piece | None = None, mark_timeout_s: float = 3.0):
+    def __init__(self, reply_id: int, outlet: Outlet, *, apology: Piece | None = None,
+                 filler: Piece | None = None, voicing: Voicing | None = None,
+                 stamps: tuple[str, str | None] = ("first_reply_frame_sent", None)):
         self.id = reply_id
         self.scope = trio.CancelScope()
-        self.begin = trio.Event()
-        self.gate = trio.Event()  # synthesis may start (held shut for an unadopted draft)
-        self.draft = False
         self.spoken: list[str] = []  # pieces queued to Twilio, in order
         self.failed: str | None = None
-        self._tx = tx
-        self._sid = stream_sid
-        self._emit = emit
-        self._stamp = stamp
+        self.apologized = False  # the apology was said instead of (part of) the reply
+        self.filler_said = False
+        self._out = outlet
         self._apology = apology
-        self._tts = tts
-        self._voice_params = voice
-        self._first_frame_stamp = first_frame_stamp
-        self._last_frame_stamp = last_frame_stamp
         self._filler = filler
-        self.filler_at = float("inf")  # when to say the filler if no audio is ready (call clock)
-        self._filler_scope = trio.CancelScope()
-        self._mark_timeout_s = mark_timeout_s
-        self._done = trio.Event()
+        self._voicing = voicing
+        self._first_frame_stamp, self._last_frame_stamp = stamps
+        self._released = trio.Event()
+        self._gate = trio.Event()  # synthesis may start (held shut for an unadopted draft)
+        self._pieces_in, self._pieces_out = trio.open_memory_channel[Piece](_PIPE_DEPTH)
+        self._filler_in = self._pieces_in.clone()  # closed once any audio is ready
         self._marks: dict[str, str] = {}
         self._sent_at: dict[str, float] = {}  # when each piece's last frame left for Twilio
-        self._echoed = 0
         self._heard_marks: set[str] = set()
         self._epoch = -1
         self._all_queued = False
@@ -88,23 +114,38 @@ class ReplyJob:
         self._answered = False  # audio of the reply itself (not the filler) is on its way
         self._done_sent = False
 
+    # -- what the driver tells the job ---------------------------------------
+
+    def voice_now(self) -> None:
+        """Synthesis may start (a draft's waits until it is adopted, unless drafts are voiced)."""
+        self._gate.set()
+
+    def release(self) -> None:
+        """Play: pieces go to the TX queue as they come."""
+        self._released.set()
+
+    def say_filler(self) -> None:
+        """No audio is ready yet: the filler goes first, and counts as the first audio."""
+        if not self._ready_sent and self._filler is not None:
+            self._filler_in.send_nowait(self._filler)  # nothing else is queued yet
+            self.filler_said = True
+            self._ready()
+
     # -- the three tasks ---------------------------------------------------
 
     async def run(self, *, think: Callable | None = None, canned: Sequence[Piece] = ()) -> None:
         """Produce (``think`` streams sentences; ``canned`` is ready audio) and play."""
         sentences_in, sentences_out = trio.open_memory_channel[_Sentence](_PIPE_DEPTH)
-        pieces_in, pieces_out = trio.open_memory_channel[Piece](_PIPE_DEPTH)
         with self.scope:
             async with trio.open_nursery() as nursery:
                 if think is not None:
                     nursery.start_soon(self._guarded_think, think, sentences_in)
-                    if self._filler is not None:
-                        nursery.start_soon(self._offer_filler, pieces_in.clone())
-                    nursery.start_soon(self._voice, sentences_out, pieces_in)
+                    nursery.start_soon(self._voice, sentences_out, self._pieces_in)
                 else:
-                    nursery.start_soon(self._feed_canned, canned, pieces_in)
-                await self.begin.wait()
-                await self._play(pieces_out)
+                    sentences_in.close()
+                    nursery.start_soon(self._feed_canned, canned, self._pieces_in)
+                await self._released.wait()
+                await self._play(self._pieces_out)
 
     async def _guarded_think(self, think: Callable, out: trio.MemorySendChannel) -> None:
         async with out:
@@ -121,26 +162,15 @@ class ReplyJob:
                 self.failed = str(exc)
                 log.warning("reply %d: LLM failed: %s", self.id, exc)
                 if not said_anything and self._apology is not None:
+                    self.apologized = True
                     await out.send(_Sentence(self._apology.text, self._apology.frames))
 
     async def _voice(self, sentences: trio.MemoryReceiveChannel, out: trio.MemorySendChannel) -> None:
         async with out:
-            await self.gate.wait()
+            await self._gate.wait()
             async for sentence in sentences:
                 await self._speak(sentence, out)
         self._ready()  # nothing to say still lets the call move on
-
-    async def _offer_filler(self, out: trio.MemorySendChannel) -> None:
-        """If the reply has no audio by ``filler_at`` (set from the end of the caller's
-        speech), say a filler
-        (from memory) so the caller is never left in silence; the reply follows it."""
-        with self._filler_scope:
-            async with out:
-                await self.gate.wait()
-                await trio.sleep_until(self.filler_at)
-                if not self._ready_sent:
-                    out.send_nowait(self._filler)  # nothing else is queued yet
-                    self._ready()
 
     async def _feed_canned(self, canned: Sequence[Piece], out: trio.MemorySendChannel) -> None:
         async with out:
@@ -151,8 +181,8 @@ class ReplyJob:
     def _ready(self) -> None:
         if not self._ready_sent:
             self._ready_sent = True
-            self._filler_scope.cancel()
-            self._emit(fsm.ReplyAudioReady(at=trio.current_time(), reply=self.id))
+            self._filler_in.close()
+            self._out.emit(fsm.ReplyAudioReady(at=trio.current_time(), reply=self.id))
 
     # -- synthesis ---------------------------------------------------------
 
@@ -167,27 +197,29 @@ class ReplyJob:
         if sentence.cached is not None:
             await self._send(out, Piece(sentence.text, sentence.cached))
             return
-        assert self._tts is not None and self._voice_params is not None
-        self._stamp("tts_start")
+        voicing = self._voicing
+        assert voicing is not None
+        self._out.stamp("tts_start")
         try:
-            if hasattr(self._tts, "synthesize_into"):
-                await self._speak_streamed(sentence.text, out)
+            if voicing.chunked is not None:
+                await self._speak_streamed(voicing.chunked, sentence.text, out)
             else:
-                audio = await self._tts.synthesize(sentence.text, self._voice_params)
-                self._stamp("tts_first_audio")
+                audio = await voicing.whole.synthesize(sentence.text, voicing.voice)
+                self._out.stamp("tts_first_audio")
                 await self._send(out, Piece(sentence.text, tuple(mulaw.split_frames(audio))))
         except UpstreamUnavailable as exc:
             log.warning("reply %d: TTS failed: %s", self.id, exc)
             self.failed = str(exc)
             if not self._answered and self._apology is not None:  # a filler is no answer: apologize
+                self.apologized = True
                 await self._send(out, self._apology)
 
-    async def _speak_streamed(self, text: str, out: trio.MemorySendChannel) -> None:
+    async def _speak_streamed(self, tts: ChunkedSynthesizer, text: str, out: trio.MemorySendChannel) -> None:
         """Play whole frames as chunks arrive; the sentence's last piece carries its text."""
         pending = bytearray()
 
         async def sink(chunk: bytes) -> None:
-            self._stamp("tts_first_audio")
+            self._out.stamp("tts_first_audio")
             pending.extend(chunk)
             whole = len(pending) - len(pending) % mulaw.FRAME_BYTES
             if whole:
@@ -195,38 +227,33 @@ class ReplyJob:
                 del pending[:whole]
                 await self._send(out, Piece("", frames))
 
-        await self._tts.synthesize_into(text, self._voice_params, sink)
+        await tts.synthesize_into(text, self._voicing.voice, sink)
         await self._send(out, Piece(text, tuple(mulaw.split_frames(bytes(pending)))))
 
     # -- playback ----------------------------------------------------------
 
     async def _play(self, pieces: trio.MemoryReceiveChannel) -> None:
-        self._epoch = self._tx.epoch
+        tx, stamp = self._out.tx, self._out.stamp
+        self._epoch = tx.epoch
         first = True
         async for piece in pieces:
             if first:
-                self._tx.put_hook(lambda: self._stamp(self._first_frame_stamp), epoch=self._epoch)
+                tx.put_hook(lambda: stamp(self._first_frame_stamp), epoch=self._epoch)
                 first = False
-            await self._tx.put_frames(piece.frames, epoch=self._epoch)
+            await tx.put_frames(piece.frames, epoch=self._epoch)
             name = f"r{self.id}-{len(self._marks) + 1}"
             self._marks[name] = piece.text
-            self._tx.put_hook(lambda name=name: self._sent_at.__setitem__(name, trio.current_time()),
-                              epoch=self._epoch)
+            tx.put_hook(lambda name=name: self._sent_at.__setitem__(name, trio.current_time()),
+                        epoch=self._epoch)
             if piece.text:
                 self.spoken.append(piece.text)
-            self._tx.put_control(twilio.render_mark(self._sid, name), epoch=self._epoch)
+            tx.put_control(twilio.render_mark(self._out.stream_sid, name), epoch=self._epoch)
         if self._last_frame_stamp is not None:
-            self._tx.put_hook(lambda: self._stamp(self._last_frame_stamp), epoch=self._epoch)
+            tx.put_hook(lambda: stamp(self._last_frame_stamp), epoch=self._epoch)
         self._all_queued = True
-        self._check_done(trio.current_time())
-        # Twilio echoes a mark when playback reaches it; one that never comes back must
-        # not leave the call speaking forever.
-        with trio.move_on_after(self._tx.queued_frames * 0.02 + self._mark_timeout_s):
-            await self._done.wait()
-        if not self._done.is_set():
-            log.warning("reply %d: %d marks never came back; assuming playback ended",
-                        self.id, len(self._marks) - self._echoed)
-            self._finish(trio.current_time())
+        now = trio.current_time()
+        self._out.emit(fsm.ReplyQueued(at=now, reply=self.id, playout_s=tx.queued_frames * FRAME_S))
+        self._check_done(now)
 
     def heard_by(self, now: float, *, playout_margin_s: float) -> list[str]:
         """What the caller heard of this reply if it is cut off at ``now``: pieces whose
@@ -241,21 +268,15 @@ class ReplyJob:
 
     def mark_echoed(self, name: str, at: float) -> None:
         """Twilio echoed one of our marks: heard, unless a clear intervened."""
-        if self._tx.epoch != self._epoch:
+        if self._out.tx.epoch != self._epoch:
             return  # echoed by our own `clear`: the caller never heard it
-        self._echoed += 1
         self._heard_marks.add(name)
         self._check_done(at)
 
     def _check_done(self, at: float) -> None:
-        if self._all_queued and self._echoed == len(self._marks):
-            self._finish(at)
-
-    def _finish(self, at: float) -> None:
-        if not self._done_sent:
+        if self._all_queued and len(self._heard_marks) == len(self._marks) and not self._done_sent:
             self._done_sent = True
-            self._done.set()
-            self._emit(fsm.PlaybackDone(at=at, reply=self.id))
+            self._out.emit(fsm.PlaybackDone(at=at, reply=self.id))
 
 
 def chat_thinker(chat, messages: Sequence[Mapping[str, str]], *, first_clause_min_chars: int,

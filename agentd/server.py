@@ -24,7 +24,6 @@ from __future__ import annotations
 import functools
 import gc
 import logging
-import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -64,13 +63,6 @@ class Server:
     active_calls: int = 0
 
 
-def chat_settings(config: Config) -> ChatSettings:
-    llm = config.llm
-    return ChatSettings(base_url=llm.base_url, model=llm.model, max_tokens_param=llm.max_tokens_param,
-                        max_tokens=llm.max_tokens, temperature=llm.temperature,
-                        timeout_s=llm.timeout_ms / 1000, first_token_timeout_s=llm.first_token_timeout_ms / 1000)
-
-
 async def serve(config: Config, *, observers: list[Callable[[dict], None]] | None = None,
                 task_status=trio.TASK_STATUS_IGNORED) -> None:
     """Run the daemon until cancelled; ``task_status.started(Server)`` once listening.
@@ -97,7 +89,7 @@ async def serve(config: Config, *, observers: list[Callable[[dict], None]] | Non
         limits = httpx.Limits(max_connections=config.server.max_calls,
                               max_keepalive_connections=config.server.max_calls)
         async with httpx.AsyncClient(limits=limits, timeout=config.llm.timeout_ms / 1000) as http:
-            chat = OpenAIChat(http, chat_settings(config), api_key=config.llm_api_key())
+            chat = OpenAIChat(http, ChatSettings.from_config(config), api_key=config.llm_api_key())
             services = Services(config=config, chat=chat, tts=tts, stt_channel=stt_channel,
                                 cache=AudioCache(tts), sink=sink, metronome=metronome, observers=observers or [])
             await _warm_cache(services)
@@ -161,7 +153,7 @@ async def _warm_cache(services: Services) -> None:
     phrases = []
     for business in services.config.businesses.values():
         voice = services.voice(business)
-        phrases += [(voice, business.greeting), (voice, business.apology)]
+        phrases += [(voice, business.greeting), (voice, business.apology), (voice, business.goodbye)]
         phrases += [(voice, filler) for filler in business.fillers]
     with trio.move_on_after(30):
         cached = await services.cache.warm(phrases)
@@ -197,42 +189,49 @@ def _peer(request: trio_websocket.WebSocketRequest) -> str:
     return f"{remote.address}:{remote.port}" if isinstance(remote, trio_websocket.Endpoint) else str(remote)
 
 
-class _Admission:
-    """The Call's on_start hook: the per-call token check, and the deadline for ``start``."""
+async def wait_start(ws: trio_websocket.WebSocketConnection, *, max_bytes: int) -> twilio.Start:
+    """Read until Twilio's ``start`` (after an optional ``connected``); the caller sets the deadline.
 
-    def __init__(self, gate: Gatekeeper) -> None:
-        self.call_sid = "?"
-        self.start_wait = trio.CancelScope(deadline=trio.current_time() + START_TIMEOUT_S)
-        self._gate = gate
-
-    def __call__(self, start: twilio.Start) -> None:
-        self.call_sid = start.call_sid
-        self._gate.check_start(start)  # raises CallTokenError, a CallProtocolError: close 1008
-        self.start_wait.deadline = math.inf
+    Raises CallProtocolError for anything else first. An event type Twilio added
+    after us is skipped, not fatal.
+    """
+    while True:
+        try:
+            event = twilio.parse_inbound(await ws.get_message(), max_bytes=max_bytes)
+        except twilio.UnknownEventError as exc:
+            log.warning("call=? skipping unknown Twilio event before start: %s", exc)
+            continue
+        if isinstance(event, twilio.Start):
+            return event
+        if not isinstance(event, twilio.Connected):
+            raise CallProtocolError(f"{type(event).__name__.lower()} before start")
 
 
 async def _run_call(ws: trio_websocket.WebSocketConnection, server: Server) -> None:
     """The per-call boundary: whatever happens, only this socket is affected."""
-    admission = _Admission(server.gate)
-    call = Call(ws, server.services, on_start=admission)
+    call_sid, opened_at = "?", trio.current_time()
     try:
-        with admission.start_wait:
-            close_reason = await call.run()
-    except* trio_websocket.ConnectionClosed:
-        log.info("call=%s socket closed", admission.call_sid)
-    except* CallProtocolError as group:
-        reason = printable("; ".join(str(e) for e in group.exceptions))
-        log.warning("call=%s closed: protocol error: %s", admission.call_sid, reason)
-        await _close(ws, _POLICY_VIOLATION, reason)
-    except* Exception as group:
-        log.error("call=%s closed: internal error", admission.call_sid, exc_info=group)
-        await _close(ws, _INTERNAL_ERROR, "internal error")
-    else:
-        if admission.start_wait.cancelled_caught:
+        with trio.move_on_after(START_TIMEOUT_S) as start_wait:
+            start = await wait_start(ws, max_bytes=server.services.config.server.max_message_bytes)
+        if start_wait.cancelled_caught:
             log.warning("call=? closed: no start message within %gs", START_TIMEOUT_S)
             await _close(ws, _POLICY_VIOLATION, "no start message")
-        else:  # the caller hung up ("bye"), or the call ended itself (its reason; it logged why)
-            await _close(ws, _NORMAL_CLOSURE, close_reason)
+            return
+        call_sid = start.call_sid
+        server.gate.check_start(start)  # raises CallTokenError, a CallProtocolError: close 1008
+        close_reason = await Call(ws, server.services, start, t0=opened_at).run()
+    except* trio_websocket.ConnectionClosed:
+        log.info("call=%s socket closed", call_sid)
+    except* CallProtocolError as group:
+        reason = printable("; ".join(str(e) for e in group.exceptions))
+        log.warning("call=%s closed: protocol error: %s", call_sid, reason)
+        await _close(ws, _POLICY_VIOLATION, reason)
+    except* Exception as group:
+        log.error("call=%s closed: internal error", call_sid, exc_info=group)
+        await _close(ws, _INTERNAL_ERROR, "internal error")
+    else:
+        # the caller hung up ("bye"), or the call ended itself (its reason; it logged why)
+        await _close(ws, _NORMAL_CLOSURE, close_reason)
 
 
 def printable(text: str) -> str:

@@ -27,6 +27,7 @@ import trio
 from google.cloud.speech_v1.types import cloud_speech
 
 from agentd import fsm
+from agentd.config import Config
 from agentd.errors import UpstreamUnavailable
 from agentd.grpc_bridge import Channel, RpcFailure
 
@@ -53,17 +54,27 @@ _ROTATE_POLL_S = 0.5
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class SttSettings:
-    language: str = "he-IL"
-    model: str = "default"
-    use_enhanced: bool = False
-    automatic_punctuation: bool = True
-    batch_ms: int = 60
-    partial_debounce_ms: int = 90
-    open_attempts: int = 3
-    open_timeout_s: float = 3.0
-    retry_after_s: float = 10.0
-    rotate_after_s: float = 240.0
-    fallback_timeout_s: float = 5.0
+    language: str
+    model: str
+    use_enhanced: bool
+    automatic_punctuation: bool
+    batch_ms: int
+    partial_debounce_ms: int
+    open_attempts: int
+    open_timeout_s: float
+    retry_after_s: float
+    rotate_after_s: float
+    fallback_timeout_s: float
+
+    @classmethod
+    def from_config(cls, config: Config, language: str) -> SttSettings:
+        """The ``[stt]`` section of the loaded config, recognizing ``language`` (the business's)."""
+        s = config.stt
+        return cls(language=language, model=s.model, use_enhanced=s.use_enhanced,
+                   automatic_punctuation=s.automatic_punctuation, batch_ms=s.batch_ms,
+                   partial_debounce_ms=s.partial_debounce_ms, open_attempts=s.open_attempts,
+                   open_timeout_s=s.open_timeout_ms / 1000, retry_after_s=s.retry_after_ms / 1000,
+                   rotate_after_s=s.rotate_after_s, fallback_timeout_s=s.fallback_timeout_ms / 1000)
 
 
 @dataclass(frozen=True, slots=True)

@@ -51,6 +51,8 @@ Known limits, measured with espeak-ng speech and synthetic noise:
 Cost: see `feed`.
 """
 
+from __future__ import annotations
+
 import math
 from dataclasses import dataclass
 
@@ -58,6 +60,7 @@ import numpy as np
 import webrtcvad
 
 from agentd.codecs.mulaw import SAMPLE_RATE_HZ, ulaw_decode
+from agentd.config import Config
 from agentd.errors import ConfigError
 
 __all__ = ["VadEvent", "VadSettings", "VoiceActivity", "VoiceEnded", "VoiceStarted"]
@@ -78,11 +81,18 @@ _SQUARED = _LINEAR.astype(np.float64) ** 2
 class VadSettings:
     """Tuning for `VoiceActivity`; validated on construction (ConfigError names the field)."""
 
-    aggressiveness: int = 2  # webrtcvad mode 0..3: higher = more eager to call a frame noise
-    speech_start_ms: int = 60  # voiced run needed to report VoiceStarted
-    hangover_ms: int = 220  # unvoiced run needed to report VoiceEnded
-    frame_ms: int = 20  # 10, 20 or 30
-    energy_floor_dbfs: float = -55.0  # RMS below this is unvoiced without running the model
+    aggressiveness: int  # webrtcvad mode 0..3: higher = more eager to call a frame noise
+    speech_start_ms: int  # voiced run needed to report VoiceStarted
+    hangover_ms: int  # unvoiced run needed to report VoiceEnded
+    frame_ms: int  # 10, 20 or 30
+    energy_floor_dbfs: float  # RMS below this is unvoiced without running the model
+
+    @classmethod
+    def from_config(cls, config: Config) -> VadSettings:
+        """The ``[vad]`` section of the loaded config (the only home of its defaults)."""
+        v = config.vad
+        return cls(aggressiveness=v.aggressiveness, speech_start_ms=v.speech_start_ms,
+                   hangover_ms=v.hangover_ms, frame_ms=v.frame_ms, energy_floor_dbfs=v.energy_floor_dbfs)
 
     def __post_init__(self) -> None:
         if self.aggressiveness not in range(4):

@@ -98,8 +98,7 @@ def bare_llm_ms(base_url: str, model: str, messages: list[dict], tokens_wanted: 
 
 def endpoint_offset_ms(turn: CallerTurn, config: Config) -> float:
     """agentd's VAD end of speech minus the softphone's, for `turn` after 2 s of line silence."""
-    vad = VoiceActivity(VadSettings(aggressiveness=config.vad.aggressiveness,
-                                    speech_start_ms=config.vad.speech_start_ms, hangover_ms=config.vad.hangover_ms))
+    vad = VoiceActivity(VadSettings.from_config(config))
     lead_frames = 100
     ended = None
     for index, frame in enumerate(split_frames(silence(lead_frames) + turn.audio + silence(50))):

@@ -2,21 +2,25 @@
 
 Every builder drives the public ``handle`` API only (no private attributes),
 asserts the state it promises, and leaves the call clock at ``now``: the last
-event it fed happened at ``now``. Keyword overrides are TurnSettings fields
-(plus ``rng``), e.g. ``speaking_fsm(now=20.0, barge_in_enabled=False)``.
+event it fed happened at ``now``. Every FSM starts from the shipped settings
+(``etc/agentd.toml``); keyword overrides change TurnSettings fields (plus
+``rng``), e.g. ``speaking_fsm(now=20.0, barge_in_enabled=False)``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import random
 import typing
 
+from agentd.config import load_config
 from agentd.fsm import (
-    BeginPlayback, CallFSM, CallStarted, Event, Final, Partial, PlaybackDone, ReplyAudioReady, SpeechEnded,
-    Hangup, SpeechStarted, StartReply, State, Tick, TurnSettings,
+    BeginPlayback, CallFSM, CallStarted, Event, Final, Hangup, Partial, PlaybackDone, PlayGoodbye,
+    ReplyAudioReady, ReplyQueued, SpeechEnded, SpeechStarted, StartReply, State, Tick, TurnSettings, WindDown,
 )
 
-DEFAULTS = TurnSettings()
+#: The settings the daemon ships with: the repository's etc/agentd.toml, no environment.
+DEFAULTS = TurnSettings.from_config(load_config(None, env={}))
 RNG_SEED = 20240611
 
 #: Every event type the FSM knows, read from the ``Event`` union so a new type
@@ -26,7 +30,7 @@ EVENT_TYPES: tuple[type, ...] = typing.get_args(Event)
 
 def new_fsm(*, rng: random.Random | None = None, **settings) -> CallFSM:
     """A fresh FSM (GREETING, nothing played yet); ``rng`` defaults to ``Random(RNG_SEED)``."""
-    return CallFSM(TurnSettings(**settings), rng=rng or random.Random(RNG_SEED))
+    return CallFSM(dataclasses.replace(DEFAULTS, **settings), rng=rng or random.Random(RNG_SEED))
 
 
 def greeting_fsm(now: float = 0.0, **settings) -> CallFSM:
@@ -92,6 +96,25 @@ def speaking_fsm(now: float = 16.0, **settings) -> CallFSM:
     return fsm
 
 
+def holding_fsm(now: float = 16.0, **settings) -> CallFSM:
+    """Reply 1 is ready, but the caller started talking at ``now - 0.2`` and has not stopped."""
+    fsm = thinking_fsm(now=now - 1.0, **settings)
+    fsm.handle(ReplyAudioReady(at=now - 0.5, reply=1))
+    fsm.handle(SpeechStarted(at=now - 0.2))
+    assert fsm.next_deadline() <= now
+    assert fsm.handle(Tick(at=now)) == []
+    assert fsm.state is State.HOLDING
+    return fsm
+
+
+def closing_fsm(now: float = 18.0, **settings) -> CallFSM:
+    """The agent started winding the call down at ``now``, while listening."""
+    fsm = listening_fsm(now=now - 1.0, **settings)
+    assert fsm.handle(WindDown(at=now, reason="idle caller")) == [PlayGoodbye()]
+    assert fsm.state is State.CLOSING
+    return fsm
+
+
 def ended_fsm(now: float = 18.0, **settings) -> CallFSM:
     """The caller hung up at ``now`` while reply 1 was playing."""
     fsm = speaking_fsm(now=now - 1.0, **settings)
@@ -107,7 +130,9 @@ BUILDERS = {
     State.LISTENING: listening_fsm,
     State.FINALIZING: finalizing_fsm,
     State.THINKING: thinking_fsm,
+    State.HOLDING: holding_fsm,
     State.SPEAKING: speaking_fsm,
+    State.CLOSING: closing_fsm,
     State.ENDED: ended_fsm,
 }
 
@@ -118,6 +143,10 @@ def sample_event(event_type: type, at: float) -> Event:
         return event_type(at=at, text="hello there", audio_end_at=at)
     if event_type in (ReplyAudioReady, PlaybackDone):
         return event_type(at=at, reply=1)
+    if event_type is ReplyQueued:
+        return event_type(at=at, reply=1, playout_s=0.5)
+    if event_type is WindDown:
+        return event_type(at=at, reason="sample")
     return event_type(at=at)
 
 

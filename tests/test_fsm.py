@@ -6,9 +6,15 @@ that matters. Timers are driven with ``Tick(at=...)`` and ``next_deadline()``;
 nothing here reads a clock, except the last section, which runs the FSM
 under Trio's MockClock the way the call driver does.
 
-Default numbers (seconds): min_utt 0.6, silence 0.5 (utterance < 2 s) or 1.8,
-hangover 0.22, final timeout 0.32, fallback timeout 5.0, refractory 1.1,
-breath 0.05-0.12, barge-in 0.3.
+Every FSM starts from the shipped settings (etc/agentd.toml). Numbers
+(seconds): min_utt 0.6, silence 0.5 (utterance < 2 s) or 1.8, hangover 0.22,
+final timeout 0.32, fallback timeout 5.0, refractory 1.1, breath 0.05-0.12,
+barge-in 0.3 (+0.22 to confirm it, after a 0.25 echo guard, words required),
+filler after 1.2, early finalize and speculation on.
+
+Tests of the basic turn rules that the shipped latency and echo refinements
+would change run the PLAIN variant and say so; tests/test_fsm_latency.py
+specifies those refinements.
 """
 
 from __future__ import annotations
@@ -21,7 +27,7 @@ from pytest import approx
 
 from agentd.fsm import (
     BeginPlayback, CallFSM, CallStarted, CancelReply, Final, FsmError, Hangup, Partial, PlayGreeting,
-    PlaybackDone, ReplyAudioReady, SpeechEnded, SpeechStarted, StartReply, State, SttLost, SttReady,
+    PlaybackDone, ReplyAudioReady, ReplyFinished, SpeechEnded, SpeechStarted, StartReply, State, SttLost, SttReady,
     StopPlayback, Tick, TranscribeFallback,
 )
 from fsm_helpers import (
@@ -30,8 +36,12 @@ from fsm_helpers import (
 )
 
 INF = float("inf")
-G, R, L, F, T, S, E = (State.GREETING, State.REFRACTORY, State.LISTENING, State.FINALIZING,
-                       State.THINKING, State.SPEAKING, State.ENDED)
+#: The basic turn rules: no echo guard or confirmation delay on barge-in, no words needed to
+#: interrupt, no early finalize, no speculation, no filler.
+PLAIN = dict(barge_in_guard_s=0.0, barge_in_confirm_s=0.0, barge_in_requires_words=False,
+             early_finalize=False, spec_enabled=False, filler_after_s=0.0)
+G, R, L, F, T, H, S, C, E = (State.GREETING, State.REFRACTORY, State.LISTENING, State.FINALIZING,
+                             State.THINKING, State.HOLDING, State.SPEAKING, State.CLOSING, State.ENDED)
 
 
 def at_deadline(fsm: CallFSM) -> list:
@@ -52,13 +62,13 @@ def test_call_start_plays_the_greeting():
 
 def test_the_end_of_the_greeting_opens_the_refractory_window():
     fsm = greeting_fsm(now=0.0)
-    assert fsm.handle(PlaybackDone(at=3.0, reply=0)) == []
+    assert fsm.handle(PlaybackDone(at=3.0, reply=0)) == [ReplyFinished(reply=0)]
     assert fsm.state is R
     assert fsm.next_deadline() == approx(4.1)
 
 
 def test_sustained_speech_interrupts_the_greeting_and_opens_the_turn_at_its_start():
-    fsm = greeting_fsm(now=0.0)
+    fsm = greeting_fsm(now=0.0, **PLAIN)
     assert fsm.handle(SpeechStarted(at=1.0)) == []
     assert fsm.next_deadline() == approx(1.3)
     assert fsm.handle(Tick(at=1.29)) == []
@@ -83,7 +93,7 @@ def test_a_short_sound_during_the_greeting_does_not_interrupt_it():
 
 
 def test_words_heard_during_the_greeting_belong_to_the_interrupting_turn():
-    fsm = greeting_fsm(now=0.0)
+    fsm = greeting_fsm(now=0.0, **PLAIN)
     fsm.handle(SpeechStarted(at=1.0))
     assert fsm.handle(Partial(at=1.2, text="hello", audio_end_at=1.2)) == []
     assert fsm.state is G
@@ -92,10 +102,10 @@ def test_words_heard_during_the_greeting_belong_to_the_interrupting_turn():
 
 
 def test_without_greeting_barge_in_speech_during_the_greeting_is_held_until_the_window_closes():
-    fsm = greeting_fsm(now=0.0, greeting_barge_in=False)
+    fsm = greeting_fsm(now=0.0, greeting_barge_in=False, **PLAIN)
     assert fsm.handle(SpeechStarted(at=2.0)) == []
     assert fsm.next_deadline() == INF
-    assert fsm.handle(PlaybackDone(at=3.0, reply=0)) == []
+    assert fsm.handle(PlaybackDone(at=3.0, reply=0)) == [ReplyFinished(reply=0)]
     assert fsm.state is R
     assert fsm.handle(Tick(at=4.1)) == []
     assert fsm.state is L
@@ -134,7 +144,7 @@ def test_listening_starts_when_the_refractory_window_closes():
 
 
 def test_speech_in_the_window_is_held_and_counts_from_its_real_start():
-    fsm = refractory_fsm(now=5.0)
+    fsm = refractory_fsm(now=5.0, **PLAIN)
     assert fsm.handle(SpeechStarted(at=5.4)) == []
     assert fsm.state is R
     assert fsm.next_deadline() == approx(6.1)  # holding speech does not move the window
@@ -171,7 +181,7 @@ def test_a_blip_held_in_the_window_is_dropped_as_noise_when_the_window_closes():
 
 
 def test_words_in_the_window_open_listening_at_once():
-    fsm = refractory_fsm(now=5.0)
+    fsm = refractory_fsm(now=5.0, **PLAIN)
     fsm.handle(SpeechStarted(at=5.2))
     assert fsm.handle(Partial(at=5.6, text="can I", audio_end_at=5.6)) == []
     assert fsm.state is L
@@ -224,7 +234,7 @@ def test_silence_after_speech_arms_the_end_of_turn_from_the_last_voiced_instant(
 
 
 def test_the_end_of_turn_commits_at_once_when_the_transcript_is_settled():
-    fsm = listening_fsm(now=10.0)
+    fsm = listening_fsm(now=10.0, **PLAIN)
     fsm.handle(SpeechStarted(at=10.5))
     fsm.handle(Final(at=11.4, text="do you deliver", audio_end_at=11.3))
     fsm.handle(SpeechEnded(at=11.5))
@@ -325,7 +335,7 @@ def test_words_without_vad_speech_open_an_utterance():
 
 
 def test_results_of_an_answered_turn_are_ignored_while_listening():
-    fsm = thinking_fsm(now=15.0)  # committed at 15.0
+    fsm = thinking_fsm(now=15.0, **PLAIN)  # committed at 15.0
     fsm.handle(ReplyAudioReady(at=15.5, reply=1))
     tick_until_quiet(fsm, until=16.0)
     fsm.handle(PlaybackDone(at=17.0, reply=1))
@@ -344,7 +354,7 @@ STRONG = "what time do you open tomorrow?"
 
 
 def test_early_finalize_ends_the_turn_after_the_hangover_when_the_words_look_complete():
-    fsm = listening_fsm(now=10.0, early_finalize=True)
+    fsm = listening_fsm(now=10.0, **PLAIN | dict(early_finalize=True))
     fsm.handle(SpeechStarted(at=10.5))
     fsm.handle(Partial(at=11.3, text=STRONG, audio_end_at=11.3))
     fsm.handle(SpeechEnded(at=11.5))
@@ -354,7 +364,7 @@ def test_early_finalize_ends_the_turn_after_the_hangover_when_the_words_look_com
 
 
 def test_early_finalize_waits_the_full_silence_when_the_words_dangle():
-    fsm = listening_fsm(now=10.0, early_finalize=True)
+    fsm = listening_fsm(now=10.0, **PLAIN | dict(early_finalize=True))
     fsm.handle(SpeechStarted(at=10.5))
     fsm.handle(Partial(at=11.3, text="I would like to book a table for the", audio_end_at=11.3))
     fsm.handle(SpeechEnded(at=11.5))
@@ -371,7 +381,7 @@ def test_a_strong_partial_arriving_in_the_silence_brings_the_end_of_turn_forward
 
 
 def test_without_early_finalize_strong_words_wait_the_full_silence():
-    fsm = listening_fsm(now=10.0)
+    fsm = listening_fsm(now=10.0, **PLAIN)
     fsm.handle(SpeechStarted(at=10.5))
     fsm.handle(Partial(at=11.3, text=STRONG, audio_end_at=11.3))
     fsm.handle(SpeechEnded(at=11.5))
@@ -379,11 +389,11 @@ def test_without_early_finalize_strong_words_wait_the_full_silence():
 
 
 # ----------------------------------------------------------- FINALIZING ---
-# finalizing_fsm(now=12.0): utterance 10.5 .. 11.5, partial "what time do you".
+# finalizing_fsm(now=12.0, **PLAIN): utterance 10.5 .. 11.5, partial "what time do you".
 
 
 def test_a_final_while_finalizing_commits_the_turn_at_once():
-    fsm = finalizing_fsm(now=12.0)
+    fsm = finalizing_fsm(now=12.0, **PLAIN)
     assert fsm.next_deadline() == approx(12.32)
     assert fsm.handle(Final(at=12.1, text="what time do you open", audio_end_at=11.5)) == [
         StartReply(reply=1, text="what time do you open", speech_start_at=10.5, speech_end_at=11.5)
@@ -406,7 +416,7 @@ def test_the_finals_of_several_segments_are_joined_into_one_turn():
 
 
 def test_a_newer_partial_while_finalizing_keeps_waiting_for_the_final():
-    fsm = finalizing_fsm(now=12.0)
+    fsm = finalizing_fsm(now=12.0, **PLAIN)
     assert fsm.handle(Partial(at=12.1, text="what time do you open", audio_end_at=11.5)) == []
     assert fsm.state is F
     assert fsm.next_deadline() == approx(12.32)
@@ -414,7 +424,7 @@ def test_a_newer_partial_while_finalizing_keeps_waiting_for_the_final():
 
 
 def test_on_final_timeout_the_latest_partial_is_committed():
-    fsm = finalizing_fsm(now=12.0)
+    fsm = finalizing_fsm(now=12.0, **PLAIN)
     fsm.handle(Partial(at=12.1, text="what time do you open", audio_end_at=11.5))
     assert fsm.handle(Tick(at=12.31)) == []
     assert fsm.handle(Tick(at=12.32)) == [
@@ -449,7 +459,7 @@ def test_an_empty_final_when_nothing_was_heard_returns_to_listening():
 
 
 def test_the_caller_resuming_while_finalizing_continues_the_same_turn():
-    fsm = finalizing_fsm(now=12.0)
+    fsm = finalizing_fsm(now=12.0, **PLAIN)
     assert fsm.handle(SpeechStarted(at=12.1)) == []
     assert fsm.state is L
     assert fsm.next_deadline() == INF
@@ -463,7 +473,7 @@ def test_the_caller_resuming_while_finalizing_continues_the_same_turn():
 
 
 def test_a_speech_end_while_finalizing_changes_nothing():
-    fsm = finalizing_fsm(now=12.0)
+    fsm = finalizing_fsm(now=12.0, **PLAIN)
     assert fsm.handle(SpeechEnded(at=12.1)) == []
     assert fsm.state is F
     assert fsm.next_deadline() == approx(12.32)
@@ -515,7 +525,7 @@ def test_the_breath_is_uniform_between_the_configured_bounds():
 
 
 def test_reply_audio_of_another_reply_does_not_start_playback():
-    fsm = thinking_fsm(now=14.0)
+    fsm = thinking_fsm(now=14.0, **PLAIN)
     assert fsm.handle(ReplyAudioReady(at=14.8, reply=0)) == []
     assert fsm.handle(ReplyAudioReady(at=14.8, reply=2)) == []
     assert fsm.state is T
@@ -531,7 +541,7 @@ def test_more_reply_audio_does_not_restart_the_breath():
 
 
 def test_sustained_speech_while_thinking_cancels_the_reply_and_the_answered_words_rejoin_the_turn():
-    fsm = thinking_fsm(now=14.0)
+    fsm = thinking_fsm(now=14.0, **PLAIN)
     assert fsm.handle(SpeechStarted(at=14.2)) == []
     assert fsm.next_deadline() == approx(14.5)
     assert fsm.handle(Tick(at=14.5)) == [CancelReply(reply=1, resumes_turn=True)]
@@ -546,7 +556,7 @@ def test_sustained_speech_while_thinking_cancels_the_reply_and_the_answered_word
 
 
 def test_short_speech_while_thinking_does_not_cancel_the_reply():
-    fsm = thinking_fsm(now=14.0)
+    fsm = thinking_fsm(now=14.0, **PLAIN)
     fsm.handle(SpeechStarted(at=14.2))
     assert fsm.handle(SpeechEnded(at=14.4)) == []
     assert fsm.next_deadline() == INF
@@ -555,25 +565,25 @@ def test_short_speech_while_thinking_does_not_cancel_the_reply():
 
 
 def test_with_barge_in_disabled_speech_while_thinking_does_not_cancel_the_reply():
-    fsm = thinking_fsm(now=14.0, barge_in_enabled=False)
+    fsm = thinking_fsm(now=14.0, barge_in_enabled=False, **PLAIN)
     assert fsm.handle(SpeechStarted(at=14.2)) == []
     assert fsm.next_deadline() == INF
     assert fsm.state is T
 
 
 def test_speech_begun_while_thinking_holds_the_reply_then_takes_the_turn():
-    fsm = thinking_fsm(now=14.0)
+    fsm = thinking_fsm(now=14.0, **PLAIN)
     fsm.handle(SpeechStarted(at=14.2))
     fsm.handle(ReplyAudioReady(at=14.25, reply=1))  # breath ends by 14.37
     assert fsm.handle(Tick(at=14.4)) == []  # the agent does not start over the caller
-    assert fsm.state is T
+    assert fsm.state is H
     assert fsm.next_deadline() == approx(14.5)
     assert fsm.handle(Tick(at=14.5)) == [CancelReply(reply=1, resumes_turn=True)]
     assert fsm.state is L
 
 
 def test_a_late_final_of_the_committed_turn_is_not_heard_twice():
-    fsm = thinking_fsm(now=14.0)
+    fsm = thinking_fsm(now=14.0, **PLAIN)
     assert fsm.handle(Final(at=14.3, text="what time do you open", audio_end_at=13.9)) == []
     assert fsm.state is T
     assert fsm.transcript == ""
@@ -595,7 +605,7 @@ def test_hanging_up_while_thinking_cancels_the_reply():
 
 def test_the_last_mark_of_the_reply_opens_the_refractory_window():
     fsm = speaking_fsm(now=16.0)
-    assert fsm.handle(PlaybackDone(at=18.0, reply=1)) == []
+    assert fsm.handle(PlaybackDone(at=18.0, reply=1)) == [ReplyFinished(reply=1)]
     assert fsm.state is R
     assert fsm.next_deadline() == approx(19.1)
 
@@ -607,7 +617,7 @@ def test_a_mark_of_an_abandoned_reply_does_not_end_the_reply():
 
 
 def test_sustained_speech_interrupts_the_reply_and_opens_the_turn_at_its_start():
-    fsm = speaking_fsm(now=16.0)
+    fsm = speaking_fsm(now=16.0, **PLAIN)
     assert fsm.handle(SpeechStarted(at=16.5)) == []
     assert fsm.next_deadline() == approx(16.8)
     assert fsm.handle(Tick(at=16.79)) == []
@@ -640,7 +650,7 @@ def test_with_barge_in_disabled_speech_never_interrupts_the_reply():
 
 
 def test_an_earlier_cough_does_not_move_the_start_of_the_interrupting_speech():
-    fsm = speaking_fsm(now=16.0)
+    fsm = speaking_fsm(now=16.0, **PLAIN)
     fsm.handle(SpeechStarted(at=16.2))
     fsm.handle(SpeechEnded(at=16.3))  # a cough: too short to interrupt
     fsm.handle(SpeechStarted(at=17.0))
@@ -656,7 +666,7 @@ def test_an_earlier_cough_does_not_move_the_start_of_the_interrupting_speech():
 def test_speech_still_going_when_the_reply_ends_is_held_through_the_window():
     fsm = speaking_fsm(now=16.0)
     fsm.handle(SpeechStarted(at=17.9))
-    assert fsm.handle(PlaybackDone(at=18.0, reply=1)) == []
+    assert fsm.handle(PlaybackDone(at=18.0, reply=1)) == [ReplyFinished(reply=1)]
     assert fsm.state is R
     assert fsm.next_deadline() == approx(19.1)  # the barge-in timer died with SPEAKING
     assert at_deadline(fsm) == []
@@ -719,7 +729,7 @@ def test_a_fallback_that_never_answers_returns_to_listening():
 
 
 def test_stt_lost_while_waiting_for_the_final_sends_the_turn_to_the_fallback():
-    fsm = finalizing_fsm(now=12.0)
+    fsm = finalizing_fsm(now=12.0, **PLAIN)
     assert fsm.handle(SttLost(at=12.1)) == [TranscribeFallback(speech_start_at=10.5, speech_end_at=11.5)]
     assert fsm.state is F
     assert fsm.next_deadline() == approx(17.1)
@@ -771,7 +781,7 @@ LIVE_STATES = [s for s in State if s is not E]
 @pytest.mark.parametrize("event_type", EVENT_TYPES, ids=lambda t: t.__name__)
 @pytest.mark.parametrize("state", ALL_STATES, ids=lambda s: s.name)
 def test_every_state_has_a_rule_for_every_event_type(state, event_type):
-    fsm = BUILDERS[state]()
+    fsm = BUILDERS[state](**PLAIN)
     event = sample_event(event_type, at=30.0)
     if event_type is CallStarted and state is not G:
         with pytest.raises(FsmError, match=f"CallStarted is not expected in {state.name}"):
@@ -792,7 +802,7 @@ def test_every_state_has_a_rule_for_every_event_type(state, event_type):
     (S, ReplyAudioReady(at=30.0, reply=1)),  # later sentences of the reply playing now
 ], ids=lambda x: getattr(x, "name", type(x).__name__))
 def test_harmless_stragglers_change_nothing(state, event):
-    fsm = BUILDERS[state]()
+    fsm = BUILDERS[state](**PLAIN)
     deadline = fsm.next_deadline()
     assert fsm.handle(event) == []
     assert fsm.state is state
@@ -823,8 +833,8 @@ def test_stt_coming_and_going_outside_finalizing_changes_no_state(state, event_t
 
 @pytest.mark.parametrize("state", LIVE_STATES, ids=lambda s: s.name)
 def test_hanging_up_ends_the_call_from_any_state(state):
-    fsm = BUILDERS[state]()
-    expected = [CancelReply(reply=1)] if state in (T, S) else []
+    fsm = BUILDERS[state](**PLAIN)
+    expected = [CancelReply(reply=1)] if state in (T, H, S) else []
     assert fsm.handle(Hangup(at=30.0)) == expected
     assert fsm.state is E
     assert fsm.next_deadline() == INF
@@ -847,7 +857,7 @@ def test_a_second_call_start_is_a_driver_bug():
 
 
 def test_the_repr_shows_state_reply_transcript_and_timers():
-    fsm = finalizing_fsm(now=12.0)
+    fsm = finalizing_fsm(now=12.0, **PLAIN)
     text = repr(fsm)
     for part in ("FINALIZING", "reply=0", "'what time do you'", "final@12.320"):
         assert part in text
@@ -857,7 +867,7 @@ def test_the_repr_shows_state_reply_transcript_and_timers():
 
 
 def test_a_late_tick_fires_each_timer_as_of_its_own_deadline():
-    fsm = listening_fsm(now=10.0)
+    fsm = listening_fsm(now=10.0, **PLAIN)
     fsm.handle(SpeechStarted(at=10.5))
     fsm.handle(Partial(at=11.0, text="hello", audio_end_at=11.0))
     fsm.handle(SpeechEnded(at=11.5))
@@ -872,7 +882,7 @@ def test_a_late_tick_fires_each_timer_as_of_its_own_deadline():
 
 
 def test_one_late_tick_runs_every_due_timer_in_deadline_order():
-    fsm = thinking_fsm(now=14.0)
+    fsm = thinking_fsm(now=14.0, **PLAIN)
     fsm.handle(SpeechStarted(at=14.2))  # barge-in due at 14.5
     fsm.handle(ReplyAudioReady(at=14.25, reply=1))  # breath due by 14.37, held: the caller is talking
     assert fsm.handle(Tick(at=14.6)) == [CancelReply(reply=1, resumes_turn=True)]
@@ -880,11 +890,11 @@ def test_one_late_tick_runs_every_due_timer_in_deadline_order():
 
 
 def test_a_ready_reply_waits_for_a_short_interjection_to_end():
-    fsm = thinking_fsm(now=14.0)
+    fsm = thinking_fsm(now=14.0, **PLAIN)
     fsm.handle(ReplyAudioReady(at=14.0, reply=1))
     fsm.handle(SpeechStarted(at=14.05))  # barge-in would be due at 14.35
     assert fsm.handle(Tick(at=fsm.next_deadline())) == []  # breath came due: do not talk over them
-    assert fsm.state is T
+    assert fsm.state is H
     assert fsm.handle(SpeechEnded(at=14.2)) == []
     assert fsm.handle(Tick(at=14.42)) == [BeginPlayback(reply=1)]
     assert fsm.state is S
@@ -950,7 +960,7 @@ class _Observer:
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.data(), st.booleans(), st.booleans())
 def test_any_conversation_keeps_the_fsm_promises(data, early_finalize, greeting_barge_in):
-    fsm = new_fsm(early_finalize=early_finalize, greeting_barge_in=greeting_barge_in)
+    fsm = new_fsm(**PLAIN | dict(early_finalize=early_finalize, greeting_barge_in=greeting_barge_in))
     fsm.handle(CallStarted(at=0.0))
     observer, now = _Observer(), 0.0
     for _ in range(data.draw(st.integers(1, 80))):
@@ -970,7 +980,7 @@ def test_any_conversation_keeps_the_fsm_promises(data, early_finalize, greeting_
 
 async def test_a_whole_turn_runs_under_trio_mock_clock(autojump_clock):
     """A tiny driver like call.py's: the next event or the next deadline, whichever comes first."""
-    fsm = new_fsm()
+    fsm = new_fsm(**PLAIN)
     script = [
         CallStarted(at=0.0), PlaybackDone(at=3.0, reply=0),
         SpeechStarted(at=5.0), Partial(at=5.6, text="do you", audio_end_at=5.6), SpeechEnded(at=6.0),
@@ -982,7 +992,7 @@ async def test_a_whole_turn_runs_under_trio_mock_clock(autojump_clock):
     breath = random.Random(RNG_SEED).uniform(0.05, 0.12)
     assert log == [
         (0.0, "CallStarted", [PlayGreeting()], G),
-        (3.0, "PlaybackDone", [], R),
+        (3.0, "PlaybackDone", [ReplyFinished(reply=0)], R),
         (approx(4.1), "Tick", [], L),
         (5.0, "SpeechStarted", [], L),
         (5.6, "Partial", [], L),
@@ -992,7 +1002,7 @@ async def test_a_whole_turn_runs_under_trio_mock_clock(autojump_clock):
          [StartReply(reply=1, text="do you deliver", speech_start_at=5.0, speech_end_at=6.0)], T),
         (7.0, "ReplyAudioReady", [], T),
         (approx(7.0 + breath), "Tick", [BeginPlayback(reply=1)], S),
-        (9.0, "PlaybackDone", [], R),
+        (9.0, "PlaybackDone", [ReplyFinished(reply=1)], R),
         (approx(10.1), "Tick", [], L),
         (12.0, "Hangup", [], E),
     ]

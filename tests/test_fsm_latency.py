@@ -31,7 +31,7 @@ from pytest import approx
 
 from agentd.fsm import (
     AdoptDraft, BeginPlayback, CallFSM, CallStarted, CancelReply, Final, Hangup, Partial, PlayGreeting,
-    PlaybackDone, ReplyAudioReady, SpeechEnded, SpeechStarted, StartReply, State, SttLost,
+    PlaybackDone, ReplyAudioReady, ReplyFinished, SpeechEnded, SpeechStarted, StartReply, State, SttLost,
     StopPlayback, SttReady, Tick, TranscribeFallback, TurnSettings,
 )
 from agentd.text import normalize_for_match
@@ -41,8 +41,13 @@ INF = float("inf")
 G, R, L, F, T, S, E = (State.GREETING, State.REFRACTORY, State.LISTENING, State.FINALIZING,
                        State.THINKING, State.SPEAKING, State.ENDED)
 BREATH = random.Random(RNG_SEED).uniform(0.05, 0.12)  # the first breath any fresh FSM draws
-EARLY = dict(early_finalize=True)
-SPEC = dict(spec_enabled=True)
+#: The basic turn rules (the shipped config turns the features below on, and adds an echo
+#: guard, a barge-in confirmation, words before barge-in and a filler): each feature is
+#: specified on top of these, one at a time.
+BASE = dict(barge_in_guard_s=0.0, barge_in_confirm_s=0.0, barge_in_requires_words=False,
+            early_finalize=False, spec_enabled=False, filler_after_s=0.0)
+EARLY = BASE | dict(early_finalize=True)
+SPEC = BASE | dict(spec_enabled=True)
 
 
 def at_deadline(fsm: CallFSM) -> list:
@@ -159,7 +164,7 @@ def test_a_number_that_grows_past_the_dot_becomes_a_complete_sentence():
 
 
 def test_without_early_finalize_a_strong_turn_waits_the_full_silence():
-    fsm = listening_fsm(now=10.0)
+    fsm = listening_fsm(now=10.0, **BASE)
     fsm.handle(SpeechStarted(at=10.5))
     fsm.handle(Final(at=11.4, text="Do you deliver?", audio_end_at=11.4))
     fsm.handle(SpeechEnded(at=11.5))
@@ -330,7 +335,7 @@ def test_a_transcript_falling_under_spec_min_chars_stops_the_stability_clock():
 
 
 def test_with_speculation_disabled_nothing_is_ever_drafted():
-    fsm = listening_fsm(now=10.0)
+    fsm = listening_fsm(now=10.0, **BASE)
     fsm.handle(SpeechStarted(at=10.5))
     fsm.handle(Partial(at=11.0, text=WORDS, audio_end_at=11.0))
     assert fsm.next_deadline() == INF
@@ -361,7 +366,7 @@ def test_a_hit_whose_draft_audio_is_already_ready_plays_it_after_one_breath():
     assert at_deadline(fsm) == [BeginPlayback(reply=1)]
     assert fsm.state is S
     assert fsm.spec_counts == counts(drafts=1, hits=1)
-    assert fsm.handle(PlaybackDone(at=14.0, reply=1)) == []
+    assert fsm.handle(PlaybackDone(at=14.0, reply=1)) == [ReplyFinished(reply=1)]
     assert fsm.state is R
 
 
@@ -710,7 +715,7 @@ def _random_event(data, fsm: CallFSM, now: float, ledger: _DraftLedger):
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.data(), st.booleans())
 def test_any_conversation_with_speculation_keeps_the_draft_promises(data, early_finalize):
-    fsm = new_fsm(spec_enabled=True, early_finalize=early_finalize)
+    fsm = new_fsm(**SPEC | dict(early_finalize=early_finalize))
     fsm.handle(CallStarted(at=0.0))
     ledger, now = _DraftLedger(), 0.0
     for _ in range(data.draw(st.integers(1, 80))):
@@ -730,7 +735,7 @@ def test_any_conversation_with_speculation_keeps_the_draft_promises(data, early_
 
 async def test_a_speculative_hit_runs_under_trio_mock_clock(autojump_clock):
     """A tiny driver like call.py's: the next event or the next deadline, whichever comes first."""
-    fsm = new_fsm(spec_enabled=True, early_finalize=True)
+    fsm = new_fsm(**SPEC | dict(early_finalize=True))
     script = [
         CallStarted(at=0.0), PlaybackDone(at=3.0, reply=0),
         SpeechStarted(at=5.0), Partial(at=5.4, text=WORDS, audio_end_at=5.4),
@@ -742,7 +747,7 @@ async def test_a_speculative_hit_runs_under_trio_mock_clock(autojump_clock):
 
     assert log == [
         (0.0, "CallStarted", [PlayGreeting()], G),
-        (3.0, "PlaybackDone", [], R),
+        (3.0, "PlaybackDone", [ReplyFinished(reply=0)], R),
         (approx(4.1), "Tick", [], L),
         (5.0, "SpeechStarted", [], L),
         (5.4, "Partial", [], L),
@@ -753,7 +758,7 @@ async def test_a_speculative_hit_runs_under_trio_mock_clock(autojump_clock):
         (approx(6.22), "Tick",  # early finalize: strong words, one hangover of silence
          [AdoptDraft(reply=1, text=FINAL_WORDS, speech_start_at=5.0, speech_end_at=6.0)], T),
         (approx(6.22 + BREATH), "Tick", [BeginPlayback(reply=1)], S),
-        (8.0, "PlaybackDone", [], R),
+        (8.0, "PlaybackDone", [ReplyFinished(reply=1)], R),
         (approx(9.1), "Tick", [], L),
         (10.0, "Hangup", [], E),
     ]
@@ -763,9 +768,9 @@ async def test_a_speculative_hit_runs_under_trio_mock_clock(autojump_clock):
 
 # -- echo guard and words-before-barge-in (issue 4) ---------------------------------------
 
-def _speaking(settings: TurnSettings):
-    """An FSM in SPEAKING since 14.4 (reply 1), built from real events."""
-    fsm = CallFSM(settings, rng=random.Random(RNG_SEED))
+def _speaking(**feature):
+    """An FSM in SPEAKING since 14.4 (reply 1), built from real events, with one barge-in ``feature``."""
+    fsm = new_fsm(**BASE | feature)
     fsm.handle(CallStarted(at=0.0))
     fsm.handle(PlaybackDone(at=1.0, reply=0))
     fsm.handle(Tick(at=2.1))
@@ -781,7 +786,7 @@ def _speaking(settings: TurnSettings):
 
 
 def test_speech_inside_the_echo_guard_counts_only_from_the_guard_end():
-    fsm = _speaking(TurnSettings(barge_in_guard_s=0.25))
+    fsm = _speaking(barge_in_guard_s=0.25)
     started = fsm._audio_since  # noqa: SLF001 -- the instant playback began
     fsm.handle(SpeechStarted(at=started + 0.05))
     assert fsm.next_deadline() == pytest.approx(started + 0.25 + 0.3)
@@ -790,7 +795,7 @@ def test_speech_inside_the_echo_guard_counts_only_from_the_guard_end():
 
 
 def test_a_short_echo_inside_the_guard_never_interrupts():
-    fsm = _speaking(TurnSettings(barge_in_guard_s=0.25))
+    fsm = _speaking(barge_in_guard_s=0.25)
     started = fsm._audio_since  # noqa: SLF001
     fsm.handle(SpeechStarted(at=started + 0.05))
     fsm.handle(SpeechEnded(at=started + 0.4))
@@ -799,7 +804,7 @@ def test_a_short_echo_inside_the_guard_never_interrupts():
 
 
 def test_sustained_speech_without_words_waits_for_words_to_interrupt():
-    fsm = _speaking(TurnSettings(barge_in_requires_words=True))
+    fsm = _speaking(barge_in_requires_words=True)
     fsm.handle(SpeechStarted(at=15.0))
     assert fsm.handle(Tick(at=15.3)) == []  # loud, but no words yet: maybe noise
     assert fsm.state is State.SPEAKING
@@ -809,7 +814,7 @@ def test_sustained_speech_without_words_waits_for_words_to_interrupt():
 
 
 def test_noise_that_never_carries_words_does_not_interrupt():
-    fsm = _speaking(TurnSettings(barge_in_requires_words=True))
+    fsm = _speaking(barge_in_requires_words=True)
     fsm.handle(SpeechStarted(at=15.0))
     fsm.handle(Tick(at=15.3))
     fsm.handle(SpeechEnded(at=15.8))
@@ -818,14 +823,14 @@ def test_noise_that_never_carries_words_does_not_interrupt():
 
 
 def test_words_already_heard_let_sustained_speech_interrupt_on_time():
-    fsm = _speaking(TurnSettings(barge_in_requires_words=True))
+    fsm = _speaking(barge_in_requires_words=True)
     fsm.handle(SpeechStarted(at=15.0))
     fsm.handle(Partial(at=15.2, text="excuse me", audio_end_at=15.2))
     assert fsm.handle(Tick(at=15.3)) == [StopPlayback(), CancelReply(reply=1)]
 
 
 def test_barge_in_waits_for_the_vad_hangover_so_a_short_blip_cannot_interrupt():
-    fsm = _speaking(TurnSettings(barge_in_confirm_s=0.22))
+    fsm = _speaking(barge_in_confirm_s=0.22)
     fsm.handle(SpeechStarted(at=15.0))
     assert fsm.next_deadline() == pytest.approx(15.52)
     fsm.handle(SpeechEnded(at=15.15))  # reported at 15.37, after the hangover: a 150 ms blip
@@ -834,7 +839,7 @@ def test_barge_in_waits_for_the_vad_hangover_so_a_short_blip_cannot_interrupt():
 
 
 def test_sustained_speech_still_interrupts_after_the_confirmation():
-    fsm = _speaking(TurnSettings(barge_in_confirm_s=0.22))
+    fsm = _speaking(barge_in_confirm_s=0.22)
     fsm.handle(SpeechStarted(at=15.0))
     assert fsm.handle(Tick(at=15.5)) == []
     assert fsm.handle(Tick(at=fsm.next_deadline())) == [StopPlayback(), CancelReply(reply=1)]

@@ -5,6 +5,7 @@ async byte stream, so the SSE framing is exercised as on a real socket.
 Timeouts run on Trio's MockClock (`autojump_clock`): no real time passes.
 """
 
+import dataclasses
 import json
 
 import httpx
@@ -14,6 +15,7 @@ import trio
 from agentd.codecs.sse import LlmStreamError
 from agentd.errors import UpstreamUnavailable
 from agentd.llm_openai import ChatModel, ChatSettings, OpenAIChat, build_messages
+from shipped import SHIPPED
 
 GUARD_S = 60.0  # far beyond any timeout under test
 MESSAGES = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
@@ -77,7 +79,8 @@ class Server:
 
 
 def make_chat(server: Server, api_key: str | None = "sk-test", **overrides) -> OpenAIChat:
-    settings = ChatSettings(**{"base_url": "http://llm.test/v1/", "model": "gpt-test", **overrides})
+    settings = dataclasses.replace(ChatSettings.from_config(SHIPPED),
+                                   **{"base_url": "http://llm.test/v1/", "model": "gpt-test", **overrides})
     client = httpx.AsyncClient(transport=httpx.MockTransport(server))
     return OpenAIChat(client, settings, api_key)
 

@@ -11,6 +11,7 @@ a small recording gRPC server, also on 127.0.0.1.
 
 from __future__ import annotations
 
+import dataclasses
 import socket
 from concurrent.futures import ThreadPoolExecutor
 
@@ -20,6 +21,7 @@ import trio
 from google.cloud.speech_v1.types import cloud_speech
 
 from audio_helpers import silence, tone
+from shipped import SHIPPED
 
 from agentd import fsm
 from agentd.errors import UpstreamUnavailable
@@ -46,6 +48,11 @@ Request = cloud_speech.StreamingRecognizeRequest
 Response = cloud_speech.StreamingRecognizeResponse
 
 
+def stt_settings(language: str = "he-IL", **changes) -> SttSettings:
+    """The shipped [stt] settings for ``language``, with ``changes``."""
+    return dataclasses.replace(SttSettings.from_config(SHIPPED, language), **changes)
+
+
 
 
 def frames_of(audio: bytes) -> list[bytes]:
@@ -55,7 +62,7 @@ def frames_of(audio: bytes) -> list[bytes]:
 # ------------------------------------------------------------- pure codecs ---
 
 def test_the_first_request_carries_only_the_streaming_config():
-    settings = SttSettings(language="he-IL", model="default", use_enhanced=False, automatic_punctuation=True)
+    settings = stt_settings(model="default", use_enhanced=False, automatic_punctuation=True)
     request = Request.deserialize(config_request(settings))
 
     assert Request.pb(request).WhichOneof("streaming_request") == "streaming_config"
@@ -77,7 +84,7 @@ def test_later_requests_carry_only_the_audio_bytes():
 
 
 def test_a_recognize_request_carries_the_same_config_and_the_audio_inline():
-    settings = SttSettings(language="en-US")
+    settings = stt_settings("en-US")
     request = cloud_speech.RecognizeRequest.deserialize(recognize_request(settings, b"\x7f" * 800))
 
     assert request.config.encoding == cloud_speech.RecognitionConfig.AudioEncoding.MULAW
@@ -185,7 +192,7 @@ async def speak(stt: StreamingRecognizer, audio: bytes, *, origin: float | None 
 
 async def test_speech_gives_ready_then_partials_then_the_scripted_final(channel, cloud, nursery):
     events = Events()
-    stt = StreamingRecognizer(channel, SttSettings(language="en-US"), events)
+    stt = StreamingRecognizer(channel, stt_settings("en-US"), events)
     await nursery.start(stt.run)
     lead_in, voiced = silence(200), tone(800)
     with trio.fail_after(GUARD_S):
@@ -213,7 +220,7 @@ async def test_partials_are_throttled_and_the_latest_one_wins(channel, cloud, nu
     cloud.configure(script_lines=(LONG_LINE,), stt_partial_interval_ms=20)
     debounce_ms = 150
     events = Events()
-    stt = StreamingRecognizer(channel, SttSettings(language="en-US", partial_debounce_ms=debounce_ms), events)
+    stt = StreamingRecognizer(channel, stt_settings("en-US", partial_debounce_ms=debounce_ms), events)
     await nursery.start(stt.run)
     with trio.fail_after(GUARD_S):
         await speak(stt, tone(600) + silence(500))
@@ -241,7 +248,7 @@ async def test_when_streams_cannot_open_stt_lost_follows_the_third_attempt(chann
             opened_when_lost.append(cloud.stats()["streams_opened"])
         events(event)
 
-    stt = StreamingRecognizer(channel, SttSettings(open_attempts=3, retry_after_s=0.3), emit)
+    stt = StreamingRecognizer(channel, stt_settings(open_attempts=3, retry_after_s=0.3), emit)
     await nursery.start(stt.run)
     with trio.fail_after(GUARD_S):
         await events.wait_for(fsm.SttLost)
@@ -256,7 +263,7 @@ async def test_when_streams_cannot_open_stt_lost_follows_the_third_attempt(chann
 
 
 async def test_recognize_transcribes_buffered_audio(channel):
-    stt = StreamingRecognizer(channel, SttSettings(language="en-US"), Events())
+    stt = StreamingRecognizer(channel, stt_settings("en-US"), Events())
     audio = silence(200) + tone(800) + silence(400)
     for index, frame in enumerate(frames_of(audio)):
         stt.push_audio(frame, 100.0 + index * FRAME_S)
@@ -268,7 +275,7 @@ async def test_recognize_transcribes_buffered_audio(channel):
 
 
 async def test_recognize_raises_upstream_unavailable_when_the_service_refuses(channel):
-    stt = StreamingRecognizer(channel, SttSettings(language="en-US"), Events())
+    stt = StreamingRecognizer(channel, stt_settings("en-US"), Events())
     too_long = silence(61_000)  # Recognize takes at most 60 s of audio
     with trio.fail_after(GUARD_S), pytest.raises(UpstreamUnavailable, match="INVALID_ARGUMENT"):
         await stt.recognize(too_long)
@@ -279,7 +286,7 @@ async def test_recognize_raises_upstream_unavailable_when_the_service_is_down(br
         closed_port.bind(("127.0.0.1", 0))
         target = "127.0.0.1:%d" % closed_port.getsockname()[1]
         dead = await bridge.open_channel(target, tls=False)
-        stt = StreamingRecognizer(dead, SttSettings(fallback_timeout_s=5.0), Events())
+        stt = StreamingRecognizer(dead, stt_settings(fallback_timeout_s=5.0), Events())
         with trio.fail_after(GUARD_S), pytest.raises(UpstreamUnavailable, match="UNAVAILABLE"):
             await stt.recognize(tone(500))
 
@@ -327,7 +334,7 @@ def recorder():
 async def test_audio_goes_out_in_batch_ms_requests_and_a_partial_batch_waits(bridge, recorder, nursery):
     channel = await bridge.open_channel(recorder.target, tls=False)
     events = Events()
-    stt = StreamingRecognizer(channel, SttSettings(batch_ms=60), events)
+    stt = StreamingRecognizer(channel, stt_settings(batch_ms=60), events)
     await nursery.start(stt.run)
     audio = tone(1000)  # 50 frames: 16 batches of 3, and 2 frames left over
     with trio.fail_after(GUARD_S):
@@ -345,7 +352,7 @@ async def test_audio_goes_out_in_batch_ms_requests_and_a_partial_batch_waits(bri
 
 async def test_audio_that_arrives_while_the_stream_opens_follows_the_config_in_batches(bridge, recorder, nursery):
     channel = await bridge.open_channel(recorder.target, tls=False)
-    stt = StreamingRecognizer(channel, SttSettings(batch_ms=60), Events())
+    stt = StreamingRecognizer(channel, stt_settings(batch_ms=60), Events())
     audio = tone(600)  # 30 frames = 10 batches, all pushed before the stream exists
     for index, frame in enumerate(frames_of(audio)):
         stt.push_audio(frame, 100.0 + index * FRAME_S)
@@ -363,7 +370,7 @@ async def test_audio_that_arrives_while_the_stream_opens_follows_the_config_in_b
 
 async def test_audio_end_at_holds_on_a_call_clock_that_starts_at_zero(channel, nursery):
     events = Events()
-    stt = StreamingRecognizer(channel, SttSettings(language="en-US"), events)
+    stt = StreamingRecognizer(channel, stt_settings("en-US"), events)
     await nursery.start(stt.run)
     with trio.fail_after(GUARD_S):
         await events.wait_for(fsm.SttReady)

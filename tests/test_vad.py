@@ -7,6 +7,7 @@ noise followed by silence (`LINE`), as real calls do, so that webrtcvad's
 warm-up is behind us; the warm-up itself has its own tests.
 """
 
+import dataclasses
 import shutil
 import subprocess
 import wave
@@ -20,6 +21,9 @@ from agentd.codecs.mulaw import ulaw_encode
 from agentd.codecs.pcm import resample
 from agentd.errors import ConfigError
 from agentd.vad import VadSettings, VoiceActivity, VoiceEnded, VoiceStarted
+from shipped import SHIPPED
+
+SHIPPED_VAD = VadSettings.from_config(SHIPPED)
 
 RATE = 8000
 FRAME = 0.020
@@ -58,7 +62,7 @@ SPEECH_AT = T0 + 0.5  # where the first part after LINE begins
 
 def run(audio: bytes, chunk: int = 160, vad_settings: VadSettings | None = None) -> list:
     """Feed `audio` in `chunk`-byte pieces, each stamped with its own start time; all events."""
-    vad = VoiceActivity(vad_settings or VadSettings())
+    vad = VoiceActivity(vad_settings or SHIPPED_VAD)
     events = []
     for offset in range(0, len(audio), chunk):
         events += vad.feed(audio[offset : offset + chunk], T0 + offset / RATE)
@@ -103,7 +107,7 @@ def test_a_gap_as_long_as_the_hangover_splits():
 
 
 def test_the_end_is_reported_only_once_the_hangover_has_passed():
-    vad = VoiceActivity(VadSettings())
+    vad = VoiceActivity(SHIPPED_VAD)
     audio = LINE + vowel(500)
     assert [type(e) for e in vad.feed(audio, T0)] == [VoiceStarted]
     assert vad.speaking
@@ -114,7 +118,7 @@ def test_the_end_is_reported_only_once_the_hangover_has_passed():
 
 
 def test_settings_change_the_rules():
-    strict = VadSettings(speech_start_ms=200, hangover_ms=500)
+    strict = dataclasses.replace(SHIPPED_VAD, speech_start_ms=200, hangover_ms=500)
     assert run(LINE + vowel(180) + silence(600), vad_settings=strict) == []
     events = run(LINE + vowel(300) + silence(400) + vowel(300) + silence(600), vad_settings=strict)
     assert times(events) == [("VoiceStarted", SPEECH_AT), ("VoiceEnded", SPEECH_AT + 1.0)]
@@ -123,7 +127,7 @@ def test_settings_change_the_rules():
 @pytest.mark.parametrize("frame_ms", [10, 30])
 def test_other_frame_lengths_follow_the_same_rules(frame_ms):
     lead = LINE + silence(10)  # 510 ms: the vowel starts on a frame boundary for 10 and 30 ms frames
-    events = run(lead + vowel(990) + silence(600), vad_settings=VadSettings(frame_ms=frame_ms))
+    events = run(lead + vowel(990) + silence(600), vad_settings=dataclasses.replace(SHIPPED_VAD, frame_ms=frame_ms))
     assert times(events) == [("VoiceStarted", SPEECH_AT + 0.01), ("VoiceEnded", SPEECH_AT + 1.0)]
 
 
@@ -138,7 +142,7 @@ def test_odd_chunk_sizes_give_the_same_events_as_160(chunk):
 
 def test_events_follow_the_times_given_with_each_chunk():
     # Chunks arriving late (network jitter): each frame takes its time from its own chunk.
-    vad = VoiceActivity(VadSettings())
+    vad = VoiceActivity(SHIPPED_VAD)
     audio = LINE + vowel(200)
     frames = [audio[i : i + 160] for i in range(0, len(audio), 160)]
     events = [e for k, frame in enumerate(frames) for e in vad.feed(frame, T0 + k * FRAME + (0.5 if k >= 25 else 0))]
@@ -244,7 +248,7 @@ def test_spoken_phrase_in_80_and_240_byte_chunks_gives_the_same_events(say):
 @given(cuts=st.lists(st.integers(min_value=1, max_value=700), min_size=1, max_size=40))
 def test_any_chunking_gives_the_same_events(cuts):
     audio = LINE + vowel(300) + silence(100) + vowel(200) + silence(300) + vowel(100) + silence(300)
-    vad = VoiceActivity(VadSettings())
+    vad = VoiceActivity(SHIPPED_VAD)
     events, offset = [], 0
     for size in cuts * (len(audio) // sum(cuts) + 1):
         if offset >= len(audio):
@@ -264,4 +268,4 @@ def test_any_chunking_gives_the_same_events(cuts):
 )
 def test_bad_settings_raise_config_error_naming_the_field(field, value):
     with pytest.raises(ConfigError, match=f"vad.{field}"):
-        VadSettings(**{field: value})
+        dataclasses.replace(SHIPPED_VAD, **{field: value})
