@@ -161,6 +161,9 @@ class Call:
         """End the call politely: stop what the agent is doing, say the business's
         goodbye, then hang up; ``reason`` becomes the record's ``end_reason``.
         Callable from any task at any time; the caller cannot interrupt the goodbye."""
+        if self._nursery is None:  # not running yet: there is nothing to stop and nowhere to play
+            self.end_now(reason)
+            return
         self._dispatch(fsm.WindDown(at=trio.current_time(), reason=reason))
 
     def end_now(self, reason: str) -> None:

@@ -107,8 +107,8 @@ class GoogleStreamingTts:
     """StreamingSynthesize (Chirp 3 HD voices): audio arrives in chunks while the
     sentence is still being synthesized, so playback starts on the first chunk.
 
-    Whether Google's streamed MULAW carries a RIFF header is unconfirmed
-    (PROTOCOLS.md); a chunk stream that starts with one has it parsed off.
+    Google does not document whether streamed MULAW carries a RIFF header (the
+    unary reply does); a chunk stream that starts with one has it parsed off.
     """
 
     def __init__(self, channel: Channel, *, timeout_s: float):

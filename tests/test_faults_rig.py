@@ -35,7 +35,7 @@ from agentd.codecs.pcm import rms_dbfs
 from agentd.config import Config
 from agentd.demo import demo_config
 from agentd.localcloud import LocalCloud, settings_from_config
-from agentd.server import serve
+from agentd.server import Server, serve
 from agentd.softphone_playback import SLOT_MS, PlaybackBuffer
 from agentd.softphone_script import CallerTurn
 
@@ -101,6 +101,7 @@ class Rig:
     config: Config
     url: str
     records: list[dict]
+    server: Server  # what `serve` reported: its port and the services every call shares
 
     def turns(self, call_sid: str) -> list[dict]:
         """agentd's turn records of the call, in turn order (each carries caller_text, reply_text)."""
@@ -133,7 +134,7 @@ async def open_rig(config: Config, script: tuple[str, ...], *, observers: tuple[
         async with trio.open_nursery() as nursery:
             server = await nursery.start(functools.partial(serve, config, observers=[records.append, *observers]))
             url = f"ws://127.0.0.1:{server.port}{config.server.path}"
-            yield Rig(cloud=cloud, config=config, url=url, records=records)
+            yield Rig(cloud=cloud, config=config, url=url, records=records, server=server)
             nursery.cancel_scope.cancel()
 
 
