@@ -32,7 +32,7 @@ from pytest import approx
 from agentd.fsm import (
     AdoptDraft, BeginPlayback, CallFSM, CallStarted, CancelReply, Final, Hangup, Partial, PlayGreeting,
     PlaybackDone, ReplyAudioReady, ReplyFinished, SpeechEnded, SpeechStarted, StartReply, State, SttLost,
-    StopPlayback, SttReady, Tick, TranscribeFallback, TurnSettings,
+    StopPlayback, SttReady, Tick, TranscribeFallback,
 )
 from agentd.text import normalize_for_match
 from fsm_helpers import drive_under_trio_clock, RNG_SEED, listening_fsm, new_fsm, tick_until_quiet
