@@ -96,6 +96,7 @@ async def test_with_the_shipped_timeouts_a_stalled_llm_is_covered_by_a_filler_wi
     outcome = await call_through(base_config, voices, fault, turns=("open",))
     assert outcome.report.turns[0].answered
     assert outcome.report.turns[0].v2v_ms <= HEARD_WITHIN_MS
+    assert outcome.answers[0]["fallbacks"][:1] == ["filler"], "the turn record names the filler"
 
 
 # ------------------------------------------------------------------------- helpers ---
@@ -107,6 +108,7 @@ def assert_fault_survived(fault: Fault, outcome: Outcome) -> None:
     assert first["caller_text"] == OPEN_LINE and fault.heard_in(first["reply_text"]), \
         f"{fault.name}: turn 1 said {first['reply_text']!r}"
     assert first["failed"], f"{fault.name}: the failure was recorded"
+    assert ("apology" in first["fallbacks"]) == (fault.says == APOLOGY), f"{fault.name}: {first['fallbacks']}"
     assert outcome.history == [("user", OPEN_LINE), ("assistant", first["reply_text"]), ("user", BYE_LINE)], \
         f"{fault.name}: turn 1 appears once in history, followed by what the caller heard"
     assert (second["caller_text"], second["reply_text"], second["failed"]) == (BYE_LINE, BYE_REPLY, None), \
