@@ -135,3 +135,4 @@ async def test_when_streams_cannot_open_the_fallback_answers_until_streaming_is_
         (PRICE_LINE, PRICE_REPLY), (OPEN_LINE, OPEN_REPLY), (BYE_LINE, BYE_REPLY)]
     assert stats["streams_opened"] == 4, "three failed opens, then streaming was retried and stayed up"
     assert 1 <= stats["recognize_calls"] < 3, "the first turn went through Recognize, the last one streamed"
+    assert "stt_recognize" in turns[0]["fallbacks"] and "stt_recognize" not in turns[-1]["fallbacks"]
