@@ -140,7 +140,8 @@ class CallFSM:
         self._end_reason = ""
 
     def __repr__(self) -> str:
-        timers = ", ".join(f"{k.value}@{v:.3f}" for k, v in sorted(self._timers.items(), key=lambda kv: kv[0].value))
+        armed = sorted((timer.value, at) for timer, at in self._timers.items())
+        timers = ", ".join(f"{name}@{at:.3f}" for name, at in armed)
         return f"<CallFSM {self.state.name} reply={self._reply} text={self.transcript!r} timers=[{timers}]>"
 
     # -- public queries ----------------------------------------------------
