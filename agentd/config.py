@@ -37,7 +37,8 @@ from agentd.errors import ConfigError
 
 __all__ = [
     "DEFAULT_CONFIG_PATH", "ENV_ALIASES", "ENV_PREFIX", "AudioConfig", "Business", "Config", "LlmConfig",
-    "Rule", "ServerConfig", "SttConfig", "TtsConfig", "TurnConfig", "VadConfig", "config_summary", "load_config",
+    "OpsConfig", "Rule", "ServerConfig", "SttConfig", "TelemetryConfig", "TtsConfig", "TurnConfig", "VadConfig",
+    "config_summary", "load_config",
 ]
 
 DEFAULT_CONFIG_PATH = Path(__file__).resolve().parent.parent / "etc" / "agentd.toml"
@@ -119,6 +120,25 @@ class ServerConfig:
     stats_interval_s: float = _opt(1.0, _SECONDS)  # 0 = no per-call stats line
     telemetry_dir: str = _opt("", allow_empty=True)  # "" = telemetry off
     log_level: str = _opt("INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"))
+    log_format: str = _opt("text", choices=("text", "json"))  # json: one object per line
+    # On SIGTERM/SIGINT calls go on this long; then each still up hears its goodbye and ends.
+    drain_timeout_s: float = _opt(300.0, _SECONDS)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class OpsConfig:
+    """[ops]: the operator's HTTP listener (/healthz, /readyz, /metrics, the status page)."""
+
+    # host:port; port 0 = any free port (tests); "" = no ops listener.
+    listen: str = _opt("127.0.0.1:9090", allow_empty=True, like="host:port, e.g. 127.0.0.1:9090",
+                       pattern=r"(?:[A-Za-z0-9.-]+|\[[0-9A-Fa-f:.]+\]):(?:0|" + _PORT_1_65535 + ")")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TelemetryConfig:
+    """[telemetry]: retention of the JSONL files in server.telemetry_dir."""
+
+    keep_days: int = _opt(30, lo=0)  # files older than this many UTC days are deleted; 0 = keep all
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -253,6 +273,7 @@ class Business:
 _SECTIONS: Mapping[str, type] = types.MappingProxyType({
     "server": ServerConfig, "audio": AudioConfig, "vad": VadConfig, "turn": TurnConfig,
     "stt": SttConfig, "tts": TtsConfig, "llm": LlmConfig, "spec": SpecConfig,
+    "ops": OpsConfig, "telemetry": TelemetryConfig,
 })
 
 
@@ -268,6 +289,8 @@ class Config:
     tts: TtsConfig = field(default_factory=TtsConfig)
     llm: LlmConfig = field(default_factory=LlmConfig)
     spec: SpecConfig = field(default_factory=SpecConfig)
+    ops: OpsConfig = field(default_factory=OpsConfig)
+    telemetry: TelemetryConfig = field(default_factory=TelemetryConfig)
     businesses: Mapping[str, Business]
     default_business: str = "default"
 
@@ -386,14 +409,24 @@ def _in_spec(key: _Key, value: Any) -> bool:
 # --- validation ----------------------------------------------------------------------------------
 
 class _Validator:
-    """Turns the raw TOML tree into a Config; every failure names its dotted key."""
+    """Turns the raw TOML tree into a Config; every failure names its dotted key.
+
+    Problems are collected, not raised one at a time, so an operator sees every
+    mistake in one run: an invalid value is reported and left at its default
+    while the rest of the tree is still checked.
+    """
 
     def __init__(self, origins: Mapping[str, str]) -> None:
         self._origins = origins  # dotted key -> environment variable it came from
+        self.errors: list[str] = []
 
     def fail(self, key: str, text: str) -> ConfigError:
         source = self._origins.get(key)
         return ConfigError(f"{key} (from env {source}): {text}" if source else f"{key}: {text}")
+
+    def note(self, key: str, text: str) -> None:
+        """Record one problem and carry on."""
+        self.errors.append(str(self.fail(key, text)))
 
     def value(self, path: str, value: Any, key: _Key) -> Any:
         """Type-check and range-check one value; ints are accepted for floats, bools never for ints."""
@@ -405,34 +438,55 @@ class _Validator:
             return float(value)
         return tuple(value) if key.kind == "strs" else value
 
-    def table(self, path: str, table: Any, keys: Mapping[str, _Key]) -> dict[str, Any]:
-        """Validate one TOML table against `keys`: unknown and missing keys, then each value."""
+    def table(self, path: str, table: Any, keys: Mapping[str, _Key]) -> dict[str, Any] | None:
+        """The valid values of one TOML table, problems noted.
+
+        None when the table cannot become its dataclass (not a table, or a required key missing or invalid).
+        """
         if not isinstance(table, dict):
-            raise self.fail(path, f"expected a table, got {table!r}")
-        for name in table:
+            self.note(path, f"expected a table, got {table!r}")
+            return None
+        out, complete = {}, True
+        for name, raw in table.items():
             if name not in keys:
+                if _SECRET_NAME.search(name):
+                    continue  # _reject_secrets has said what to do with it
                 close = difflib.get_close_matches(name, list(keys), n=1)
                 hint = f"did you mean {close[0]}?" if close else "known: " + ", ".join(keys)
-                raise self.fail(f"{path}.{name}", f"unknown key ({hint})")
+                self.note(f"{path}.{name}", f"unknown key ({hint})")
+                continue
+            try:
+                out[name] = self.value(f"{path}.{name}", raw, keys[name])
+            except ConfigError as exc:
+                self.errors.append(str(exc))
+                complete = complete and not keys[name].required
         for name, key in keys.items():
             if key.required and name not in table:
-                raise self.fail(f"{path}.{name}", "missing")
-        return {name: self.value(f"{path}.{name}", v, keys[name]) for name, v in table.items()}
+                self.note(f"{path}.{name}", "missing")
+                complete = False
+        return out if complete else None
 
     def rules(self, path: str, value: Any) -> tuple[Rule, ...]:
         if not isinstance(value, list):
             raise self.fail(path, f"expected an array of tables ([[{path}]]), got {value!r}")
-        return tuple(Rule(**self.table(f"{path}[{i}]", item, _RULE_KEYS)) for i, item in enumerate(value))
+        tables = [self.table(f"{path}[{i}]", item, _RULE_KEYS) for i, item in enumerate(value)]
+        return tuple(Rule(**t) for t in tables if t is not None)
 
     def businesses(self, raw: Any, language: str) -> dict[str, Business]:
         if not isinstance(raw, dict) or not raw:
-            raise self.fail("businesses", "at least one [businesses.NAME] table is required")
+            self.note("businesses", "at least one [businesses.NAME] table is required")
+            return {}
         out = {}
         for name, table in raw.items():
-            self.value(f"businesses.{name}", name, _Key("str", False, _NAME, True))
+            try:
+                self.value(f"businesses.{name}", name, _Key("str", False, _NAME, True))
+            except ConfigError as exc:
+                self.errors.append(str(exc))
             if isinstance(table, dict):
                 table = {"language": language, **table}
-            out[name] = Business(name=name, **self.table(f"businesses.{name}", table, _BUSINESS_KEYS))
+            values = self.table(f"businesses.{name}", table, _BUSINESS_KEYS)
+            if values is not None:
+                out[name] = Business(name=name, **values)
         return out
 
     def cross_checks(self, sections: Mapping[str, Any]) -> None:
@@ -443,39 +497,55 @@ class _Validator:
         for small, big in pairs:
             a, b = (getattr(sections[k.split(".")[0]], k.split(".")[1]) for k in (small, big))
             if a > b:
-                raise self.fail(small, f"must be ≤ {big} ({b}), got {a}")
+                self.note(small, f"must be ≤ {big} ({b}), got {a}")
 
 
-def _build(raw: Mapping[str, Any], origins: Mapping[str, str]) -> Config:
-    """Validate the merged raw tree into a Config."""
+def _raise_all(errors: list[str]) -> None:
+    """One ConfigError listing every problem (its text is the lone problem when there is one)."""
+    if len(errors) == 1:
+        raise ConfigError(errors[0])
+    if errors:
+        raise ConfigError(f"{len(errors)} problems:\n  " + "\n  ".join(errors))
+
+
+def _build(raw: Mapping[str, Any], origins: Mapping[str, str], errors: tuple[str, ...] = ()) -> Config:
+    """Validate the merged raw tree into a Config; ConfigError lists every problem (and `errors`)."""
     check = _Validator(origins)
-    _reject_secrets(raw, "")
+    check.errors += errors
+    _reject_secrets(raw, "", check.errors)
     for name in raw:
         if name not in _SECTIONS and name not in _TOP_KEYS and name != "businesses":
-            raise check.fail(name, "unknown section (known: " + ", ".join([*_SECTIONS, "businesses"]) + ")")
-    sections = {name: cls(**check.table(name, raw.get(name, {}), _SECTION_KEYS[name]))
+            check.note(name, "unknown section (known: " + ", ".join([*_SECTIONS, "businesses"]) + ")")
+    sections = {name: cls(**(check.table(name, raw.get(name, {}), _SECTION_KEYS[name]) or {}))
                 for name, cls in _SECTIONS.items()}
     check.cross_checks(sections)
     businesses = check.businesses(raw.get("businesses"), sections["stt"].language)
-    top = {name: check.value(name, raw[name], key) for name, key in _TOP_KEYS.items() if name in raw}
-    config = Config(**sections, **top, businesses=types.MappingProxyType(businesses))
-    if config.default_business not in businesses:
-        raise check.fail("default_business", f"{config.default_business!r} is not a configured business "
-                         f"(have: {', '.join(sorted(businesses))})")
-    return config
+    top = {}
+    for name, key in _TOP_KEYS.items():
+        try:
+            if name in raw:
+                top[name] = check.value(name, raw[name], key)
+        except ConfigError as exc:
+            check.errors.append(str(exc))
+    default = top.get("default_business", "default")
+    known = businesses.keys() | (raw.get("businesses") or {}).keys()
+    if businesses and default not in known:
+        check.note("default_business", f"{default!r} is not a configured business (have: {', '.join(sorted(known))})")
+    _raise_all(check.errors)
+    return Config(**sections, **top, businesses=types.MappingProxyType(businesses))
 
 
-def _reject_secrets(node: Any, path: str) -> None:
-    """Refuse secret-looking keys anywhere in the tree (checked before 'unknown key' for a better hint)."""
+def _reject_secrets(node: Any, path: str, errors: list[str]) -> None:
+    """Note secret-looking keys anywhere in the tree (checked before 'unknown key' for a better hint)."""
     items = node.items() if isinstance(node, dict) else enumerate(node) if isinstance(node, list) else ()
     for name, child in items:
         here = f"{path}[{name}]" if isinstance(name, int) else f"{path}.{name}".lstrip(".")
         if isinstance(name, str) and _SECRET_NAME.search(name) and name not in _KNOWN_NAMES:
-            raise ConfigError(
+            errors.append(
                 f"{here}: looks like a secret; secrets never go in the config file. Put them in the "
                 "environment (/etc/agentd/agentd.env: OPENAI_API_KEY, TWILIO_AUTH_TOKEN) or a credential "
                 "file (GOOGLE_APPLICATION_CREDENTIALS); llm.api_key_env names the LLM key's variable")
-        _reject_secrets(child, here)
+        _reject_secrets(child, here, errors)
 
 
 def _to_tree(value: Any) -> Any:
@@ -543,12 +613,21 @@ def _parse_env(var: str, dotted: str, text: str) -> Any:
         raise ConfigError(f"{dotted} (from env {var}): expected {hint}, got {text!r}") from None
 
 
-def _env_overrides(env: Mapping[str, str]) -> tuple[dict[str, Any], dict[str, str]]:
-    """(dotted key -> typed value, dotted key -> variable name) from the environment."""
-    found = [(var, dotted) for var, dotted in ENV_ALIASES.items() if var in env]
-    found += [(var, _env_key(var)) for var in sorted(env) if var.startswith(ENV_PREFIX)]
-    values = {dotted: _parse_env(var, dotted, env[var]) for var, dotted in found}
-    return values, {dotted: var for var, dotted in found}
+def _env_overrides(env: Mapping[str, str]) -> tuple[dict[str, Any], dict[str, str], list[str]]:
+    """(dotted key -> typed value, dotted key -> variable name, problems) from the environment."""
+    found, values, errors = [(var, dotted) for var, dotted in ENV_ALIASES.items() if var in env], {}, []
+    for var in sorted(env):
+        if var.startswith(ENV_PREFIX):
+            try:
+                found.append((var, _env_key(var)))
+            except ConfigError as exc:
+                errors.append(str(exc))
+    for var, dotted in found:
+        try:
+            values[dotted] = _parse_env(var, dotted, env[var])
+        except ConfigError as exc:
+            errors.append(str(exc))
+    return values, {dotted: var for var, dotted in found}, errors
 
 
 # --- entry points --------------------------------------------------------------------------------
@@ -566,10 +645,10 @@ def load_config(path: str | os.PathLike[str] | None = None, env: Mapping[str, st
         raise ConfigError(f"{file}: cannot read config ({exc.strerror or exc})") from exc
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{file}: invalid TOML: {exc}") from exc
-    values, origins = _env_overrides(os.environ if env is None else env)
+    values, origins, errors = _env_overrides(os.environ if env is None else env)
     for dotted, value in values.items():
         _set_dotted(raw, dotted, value)
-    return _build(raw, origins)
+    return _build(raw, origins, tuple(errors))
 
 
 def config_summary(config: Config) -> str:
@@ -580,8 +659,9 @@ def config_summary(config: Config) -> str:
         f"{b.name}{'*' if b.name == config.default_business else ''}({b.language} {b.voice})"
         for b in config.businesses.values())
     return "\n".join([
-        f"server {s.host}:{s.port}{s.path} max_calls={s.max_calls} log={s.log_level} "
-        f"telemetry={s.telemetry_dir or 'off'}",
+        f"server {s.host}:{s.port}{s.path} max_calls={s.max_calls} log={s.log_level}/{s.log_format} "
+        f"drain={s.drain_timeout_s:g}s telemetry={s.telemetry_dir or 'off'} "
+        f"(keep {config.telemetry.keep_days or 'all'} days) ops={config.ops.listen or 'off'}",
         f"stt {st.endpoint} tls={on[st.tls]} lang={st.language} model={st.model} "
         f"streaming={on[st.streaming_enabled]} batch={st.batch_ms}ms final_timeout={st.final_timeout_ms}ms",
         f"tts {t.endpoint} tls={on[t.tls]} timeout={t.timeout_ms}ms rate={t.speaking_rate}",

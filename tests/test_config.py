@@ -184,7 +184,30 @@ def test_invalid_value_is_refused_naming_its_key(config, overrides, message):
 def test_invalid_file_is_refused_naming_its_key(tmp_path, text, message):
     with pytest.raises(ConfigError) as err:
         load_text(tmp_path, text)
-    assert str(err.value).startswith(message)
+    assert any(problem.startswith(message) for problem in problems(err.value))
+
+
+def problems(error: ConfigError) -> list[str]:
+    """The problems one ConfigError lists: its text, or the lines after "N problems:"."""
+    lines = str(error).splitlines()
+    return [line.strip() for line in lines[1:]] if lines[0].endswith("problems:") else [str(error)]
+
+
+def test_every_problem_is_listed_not_only_the_first(tmp_path):
+    text = '[stt]\nbatch_ms = -5\nendpont = "x:1"\n[server]\nport = "eighty"\n[nope]\n' + MINIMAL_BUSINESS
+    with pytest.raises(ConfigError) as err:
+        load_text(tmp_path, text, env={"AGENTD__LLM__MAX_TOKENS": "many"})
+    assert str(err.value).startswith("5 problems:")
+    assert sorted(p.split(":")[0] for p in problems(err.value)) == [
+        "llm.max_tokens (from env AGENTD__LLM__MAX_TOKENS)", "nope", "server.port", "stt.batch_ms", "stt.endpont"]
+
+
+def test_a_business_with_problems_lists_them_all(tmp_path):
+    with pytest.raises(ConfigError) as err:
+        load_text(tmp_path, '[businesses.default]\nvoice = 5\nfillers = "um"\n')
+    assert [p.split(":")[0] for p in problems(err.value)] == [
+        "businesses.default.voice", "businesses.default.fillers", "businesses.default.greeting",
+        "businesses.default.system_prompt"]
 
 
 def test_unreadable_or_malformed_file_names_the_file(tmp_path):
@@ -224,8 +247,10 @@ def test_int_is_accepted_for_a_float_key(config):
 def test_secret_looking_keys_are_refused_with_a_pointer_to_the_environment(tmp_path, text, key):
     with pytest.raises(ConfigError) as err:
         load_text(tmp_path, text + MINIMAL_BUSINESS.replace("[businesses.default]", "[businesses.other]"))
-    assert str(err.value).startswith(f"{key}: looks like a secret")
-    assert "environment" in str(err.value) and "credential file" in str(err.value)
+    first, *others = problems(err.value)
+    assert first.startswith(f"{key}: looks like a secret")
+    assert "environment" in first and "credential file" in first
+    assert not any(p.startswith(key) for p in others)  # said once, not also as an unknown key
 
 
 def test_known_keys_that_merely_mention_tokens_are_fine(tmp_path):
