@@ -10,6 +10,8 @@ clock seconds, as read by the driver: this module never reads a clock), then:
 * `JsonlSink` appends turn and call records to daily JSONL files without ever
   blocking a call: records go through a bounded memory channel (full = drop
   and count) and one task writes them, in batches, from a worker thread.
+  Each record gets `time`, the ISO 8601 UTC moment it was emitted;
+* `prune_daily` deletes files older than `telemetry.keep_days`.
 """
 
 import datetime
@@ -17,13 +19,15 @@ import json
 import logging
 import math
 import os
+import re
 import types
 from collections.abc import Callable, Mapping
 from typing import Any
 
 import trio
 
-__all__ = ["STAGES", "TIMELINE_STAMPS", "JsonlSink", "TurnTimeline", "format_stats_line", "format_timeline"]
+__all__ = ["STAGES", "TIMELINE_STAMPS", "JsonlSink", "TurnTimeline", "format_stats_line", "format_timeline",
+           "prune", "prune_daily", "utc_now_iso"]
 
 log = logging.getLogger(__name__)
 
@@ -140,6 +144,45 @@ def _utc_day() -> str:
     return datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%d")
 
 
+def utc_now_iso() -> str:
+    """Now, as ISO 8601 UTC with milliseconds: ``2026-12-05T01:22:14.123Z``."""
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+_DAILY_FILE = re.compile(r"(?:turns|calls)-(\d{8})\.jsonl")
+
+
+def prune(directory: str, keep_days: int, today: datetime.date) -> list[str]:
+    """Delete the sink's daily files dated more than ``keep_days`` before ``today``; their names.
+
+    Only files this sink writes (turns-/calls-YYYYMMDD.jsonl) are touched.
+    """
+    oldest = today - datetime.timedelta(days=keep_days)
+    removed = []
+    for name in sorted(os.listdir(directory)):
+        match = _DAILY_FILE.fullmatch(name)
+        if match and datetime.datetime.strptime(match[1], "%Y%m%d").date() < oldest:
+            os.remove(os.path.join(directory, name))
+            removed.append(name)
+    return removed
+
+
+async def prune_daily(directory: str, keep_days: int) -> None:
+    """`prune` now and once a day, until cancelled; nothing when telemetry or pruning is off."""
+    if not directory or keep_days <= 0:
+        return
+    while True:
+        today = datetime.datetime.now(datetime.timezone.utc).date()
+        try:
+            removed = await trio.to_thread.run_sync(prune, directory, keep_days, today)
+        except OSError as exc:
+            log.warning("telemetry: pruning %s failed: %s", directory, exc)
+        else:
+            if removed:
+                log.info("telemetry: deleted %d files older than %d days", len(removed), keep_days)
+        await trio.sleep(24 * 3600)
+
+
 class JsonlSink:
     """Appends turn and call records to `<dir>/turns-YYYYMMDD.jsonl` and `<dir>/calls-YYYYMMDD.jsonl`.
 
@@ -180,7 +223,7 @@ class JsonlSink:
         if not self.enabled:
             return
         try:
-            self._send.send_nowait((kind, record))
+            self._send.send_nowait((kind, {"time": utc_now_iso(), **record}))
         except (trio.WouldBlock, trio.ClosedResourceError):
             self.dropped += 1
 
