@@ -52,6 +52,7 @@ import trio
 from agentd.codecs.sse import DONE, SseDecoder, parse_chat_event
 from agentd.config import Config
 from agentd.errors import UpstreamUnavailable
+from agentd.metrics import count_upstream_error
 
 __all__ = ["ChatModel", "ChatSettings", "OpenAIChat", "build_messages"]
 
@@ -181,6 +182,7 @@ class _RequestTimer:
                 return await awaitable
         finally:
             self._budget_s -= trio.current_time() - started
+        count_upstream_error("llm", "timeout")
         raise UpstreamUnavailable(reason)
 
     def _deadline(self, now: float) -> tuple[float, str]:
@@ -218,7 +220,12 @@ class _Deltas:
 
     async def _next_text(self) -> str:
         while True:
-            event = parse_chat_event(await self._next_event_data())
+            data = await self._next_event_data()
+            try:
+                event = parse_chat_event(data)
+            except UpstreamUnavailable:  # an in-band error object, or data that is no chat event
+                count_upstream_error("llm", "stream_error")
+                raise
             if event is DONE:
                 await self._drain()
                 raise StopAsyncIteration
@@ -243,6 +250,7 @@ class _Deltas:
         pending = self._decoder.flush()
         if pending is not None and pending.strip() == DONE.value:
             return pending
+        count_upstream_error("llm", "stream_cut")
         raise UpstreamUnavailable("LLM: stream cut before [DONE]")
 
     async def _drain(self) -> None:
@@ -261,6 +269,7 @@ async def _raise_for_status(response: httpx.Response, timer: _RequestTimer) -> N
             excerpt = await timer.wait(_read_excerpt(response))
     except UpstreamUnavailable as exc:
         excerpt = f"({exc})"
+    count_upstream_error("llm", "http_status")
     raise UpstreamUnavailable(f"LLM: HTTP {response.status_code} from {response.request.url}: {excerpt}")
 
 
@@ -282,4 +291,5 @@ def _translate_http_errors(what: str) -> Iterator[None]:
     try:
         yield
     except httpx.HTTPError as exc:
+        count_upstream_error("llm", "transport")
         raise UpstreamUnavailable(f"{what}: {type(exc).__name__}: {exc}") from exc

@@ -29,6 +29,7 @@ from google.cloud.speech_v1.types import cloud_speech
 from agentd import fsm
 from agentd.config import Config
 from agentd.errors import UpstreamUnavailable
+from agentd.metrics import count_upstream_error
 from agentd.grpc_bridge import Channel, RpcFailure
 
 log = logging.getLogger(__name__)
@@ -254,6 +255,7 @@ class StreamingRecognizer:
                 return parse_recognize_response(data)
             except RpcFailure as exc:
                 if exc.code != "UNAVAILABLE" or trio.current_time() + pause_s >= deadline:
+                    count_upstream_error("stt", "recognize")
                     raise UpstreamUnavailable(f"STT Recognize failed: {exc}") from exc
             await trio.sleep(pause_s)
             pause_s = min(2 * pause_s, 1.0)
@@ -327,10 +329,12 @@ class StreamingRecognizer:
                     heard = True
             return "rotate"
         except RpcFailure as exc:
+            count_upstream_error("stt", "stream")
             log.info("STT stream ended: %s", exc)
         except trio.EndOfChannel:
             log.info("STT stream closed by the server")
         except UpstreamUnavailable as exc:
+            count_upstream_error("stt", "stream_error")
             log.info("STT stream error: %s", exc)
         return "heard" if heard else "silent"
 

@@ -18,6 +18,7 @@ from google.cloud.texttospeech_v1.types import cloud_tts
 
 from agentd.codecs import riff
 from agentd.errors import UpstreamUnavailable
+from agentd.metrics import count_upstream_error
 from agentd.grpc_bridge import Channel, RpcFailure
 
 _METHOD = "/google.cloud.texttospeech.v1.TextToSpeech/SynthesizeSpeech"
@@ -73,6 +74,15 @@ def audio_from_response(data: bytes) -> bytes:
     return audio
 
 
+def _counted(parse, data: bytes) -> bytes:
+    """`parse(data)`, counting an UpstreamUnavailable it raises as a bad response."""
+    try:
+        return parse(data)
+    except UpstreamUnavailable:
+        count_upstream_error("tts", "bad_response")
+        raise
+
+
 class GoogleTts:
     """SynthesizeSpeech, MULAW 8000 Hz."""
 
@@ -86,8 +96,9 @@ class GoogleTts:
                 _METHOD, synthesize_request(text, voice), timeout_s=self._timeout_s
             )
         except RpcFailure as exc:
+            count_upstream_error("tts", "rpc")
             raise UpstreamUnavailable(f"TTS failed: {exc}") from exc
-        return audio_from_response(data)
+        return _counted(audio_from_response, data)
 
 
 def streaming_config_request(voice: Voice) -> bytes:
@@ -147,8 +158,11 @@ class GoogleStreamingTts:
                         got_audio = True
                         await sink(chunk)
         except RpcFailure as exc:
+            count_upstream_error("tts", "rpc")
             raise UpstreamUnavailable(f"TTS stream failed: {exc}") from exc
         except trio.TooSlowError as exc:
+            count_upstream_error("tts", "timeout")
             raise UpstreamUnavailable(f"TTS stream silent for {self._timeout_s} s") from exc
         if not got_audio:
+            count_upstream_error("tts", "bad_response")
             raise UpstreamUnavailable("TTS stream returned no audio")
