@@ -1,31 +1,61 @@
-"""The ``agentd`` command: serve, localcloud, call, demo."""
+"""The ``agentd`` command: serve, check-config, report, localcloud, call, demo.
+
+Exit status: 0 done, 1 a runtime failure (a port that cannot be bound), 2 a
+usage or configuration error (systemd's ``RestartPreventExitStatus=2``: a bad
+file is not retried in a loop).
+"""
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
+import os
 import sys
+
+from agentd.logs import setup_logging
+
+__all__ = ["main", "setup_logging"]
 
 _COMMANDS = {
     "serve": "run the daemon: accept Twilio Media Streams (config: etc/agentd.toml)",
+    "check-config": "validate a config file: list every problem, or print the effective config",
+    "report": "latency percentiles, failure and fallback rates from a telemetry directory",
     "localcloud": "serve Google Speech/TTS and OpenAI chat on 127.0.0.1 with offline engines",
     "call": "place a call to an agent like Twilio would (a softphone)",
     "demo": "a whole phone call on this machine, printing each turn's latency timeline",
 }
+EXIT_RUNTIME, EXIT_CONFIG = 1, 2
 
 
-def setup_logging(level: str = "INFO") -> None:
-    logging.basicConfig(level=getattr(logging, level.upper(), logging.INFO),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+def _usage() -> str:
+    lines = ["usage: agentd [--version] {" + ",".join(_COMMANDS) + "} [options]", ""]
+    lines += [f"  {name:<13} {text}" for name, text in _COMMANDS.items()]
+    lines += ["", "agentd COMMAND --help describes a command's options."]
+    return "\n".join(lines)
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+    try:
+        return version("agentd")
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        return "unknown"
+
+
+def _config_error(exc: Exception) -> int:
+    print(f"agentd: invalid configuration: {exc}", file=sys.stderr)
+    return EXIT_CONFIG
 
 
 def _serve(argv: list[str]) -> int:
     import trio
+    from google.auth.exceptions import DefaultCredentialsError
 
     from agentd.config import config_summary, load_config
     from agentd.errors import ConfigError
-    from agentd.server import serve
-    from google.auth.exceptions import DefaultCredentialsError
+    from agentd.notify import Notifier
+    from agentd.server import ListenError, serve
 
     parser = argparse.ArgumentParser(prog="agentd serve", description=_COMMANDS["serve"])
     parser.add_argument("--config", default=None, help="path to agentd.toml (default: etc/agentd.toml)")
@@ -33,34 +63,70 @@ def _serve(argv: list[str]) -> int:
     try:
         config = load_config(args.config)
     except ConfigError as exc:
-        print(f"agentd: invalid configuration: {exc}", file=sys.stderr)
-        return 2
-    setup_logging(config.server.log_level)
-    logging.getLogger("agentd").info("config:\n%s", config_summary(config))
+        return _config_error(exc)
+    setup_logging(config.server.log_level, config.server.log_format)
+    logging.getLogger("agentd").info("agentd %s, config:\n%s", _version(), config_summary(config))
+    notifier = Notifier.from_environment(os.environ)
     status = 0
     try:
-        trio.run(serve, config)
-    except* ConfigError as group:  # e.g. a check enabled without its secret
-        print(f"agentd: invalid configuration: {group.exceptions[0]}", file=sys.stderr)
-        status = 2
+        trio.run(lambda: serve(config, notifier=notifier, handle_signals=True,
+                               reload_config=lambda: load_config(args.config)))
+    except* ConfigError as group:  # e.g. a check enabled without its secret, a missing LLM key
+        status = _config_error(group.exceptions[0])
     except* DefaultCredentialsError as group:  # TLS endpoints need Google credentials
         print(f"agentd: no Google credentials: {group.exceptions[0]}", file=sys.stderr)
-        status = 2
-    except* KeyboardInterrupt:  # Ctrl-C arrives from inside serve's nursery, wrapped in a group
-        pass
+        status = EXIT_CONFIG
+    except* ListenError as group:
+        print(f"agentd: {group.exceptions[0]}", file=sys.stderr)
+        status = EXIT_RUNTIME
+    except* KeyboardInterrupt:  # Ctrl-C during startup, before the drain's signal handling is up
+        status = 130
     return status
+
+
+def _check_config(argv: list[str]) -> int:
+    from agentd.config import config_tree, load_config
+    from agentd.errors import ConfigError
+
+    parser = argparse.ArgumentParser(prog="agentd check-config", description=_COMMANDS["check-config"])
+    parser.add_argument("--config", default=None, help="path to agentd.toml (default: etc/agentd.toml)")
+    args = parser.parse_args(argv)
+    try:
+        config = load_config(args.config)
+    except ConfigError as exc:
+        return _config_error(exc)
+    secrets = {config.llm.api_key_env: config.llm_api_key(), config.server.auth_token_env: config.twilio_auth_token(),
+               config.server.call_token_secret_env: config.call_token_secret()}
+    print(json.dumps(config_tree(config), indent=2, ensure_ascii=False))
+    for name, value in secrets.items():
+        if name:
+            print(f"# {name}: {'set (hidden)' if value else 'not set'}")
+    return 0
+
+
+def _report(argv: list[str]) -> int:
+    from agentd.report import main as report_main
+    return report_main(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] in ("-h", "--help"):
+        print(_usage())
+        return 0
+    if argv and argv[0] == "--version":
+        print(f"agentd {_version()}")
+        return 0
     if not argv or argv[0] not in _COMMANDS:
-        print("usage: agentd {" + ",".join(_COMMANDS) + "} [options]\n", file=sys.stderr)
-        for name, text in _COMMANDS.items():
-            print(f"  {name:<11} {text}", file=sys.stderr)
-        return 0 if argv and argv[0] in ("-h", "--help") else 2
+        print(_usage(), file=sys.stderr)
+        return EXIT_CONFIG
     command, rest = argv[0], argv[1:]
     if command == "serve":
         return _serve(rest)
+    if command == "check-config":
+        return _check_config(rest)
+    if command == "report":
+        return _report(rest)
     if command == "localcloud":
         from agentd.localcloud import main as localcloud_main
         return localcloud_main(rest)

@@ -38,7 +38,7 @@ from agentd.errors import ConfigError
 __all__ = [
     "DEFAULT_CONFIG_PATH", "ENV_ALIASES", "ENV_PREFIX", "AudioConfig", "Business", "Config", "LlmConfig",
     "OpsConfig", "Rule", "ServerConfig", "SttConfig", "TelemetryConfig", "TtsConfig", "TurnConfig", "VadConfig",
-    "config_summary", "load_config",
+    "config_summary", "config_tree", "load_config",
 ]
 
 DEFAULT_CONFIG_PATH = Path(__file__).resolve().parent.parent / "etc" / "agentd.toml"
@@ -558,6 +558,14 @@ def _to_tree(value: Any) -> Any:
         return {f.name: _to_tree(v) for f in dataclasses.fields(value)
                 if f.name not in skip and (v := getattr(value, f.name)) is not None}
     return [_to_tree(item) for item in value] if isinstance(value, tuple) else value
+
+
+def config_tree(config: Config) -> dict[str, Any]:
+    """The Config as its TOML-shaped tree (JSON-ready): what `agentd check-config` prints.
+
+    It holds no secret: secrets never enter a Config, only the names of their variables.
+    """
+    return _to_tree(config)
 
 
 def _set_dotted(raw: dict[str, Any], dotted: str, value: Any) -> None:

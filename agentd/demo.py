@@ -44,7 +44,8 @@ def demo_config(base: Config, lc: LocalCloud, telemetry_dir: str) -> Config:
         "server.stats_interval_s": 0,
         "stt.endpoint": lc.grpc_target, "stt.tls": False,
         "tts.endpoint": lc.grpc_target, "tts.tls": False,
-        "llm.base_url": lc.http_base_url, "llm.api_key_env": "AGENTD_DEMO_NO_KEY",
+        "llm.base_url": lc.http_base_url, "llm.api_key_env": "",
+        "ops.listen": "127.0.0.1:0",
     })
 
 

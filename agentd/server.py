@@ -21,25 +21,31 @@ anything over twice that with 1009, without buffering it). Once started, the
 
 from __future__ import annotations
 
+import collections
+import dataclasses
 import functools
 import gc
+import itertools
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import httpx
 import trio
 import trio_websocket
 
-from agentd import telemetry
+from agentd import logs, ops, telemetry
 from agentd.audio_cache import AudioCache
 from agentd.call import Call, Services
 from agentd.codecs import twilio
-from agentd.config import Config
-from agentd.errors import CallProtocolError
+from agentd.config import Config, config_summary
+from agentd.drain import LiveCalls, run_until_drained
+from agentd.errors import AgentdError, CallProtocolError, ConfigError
 from agentd.grpc_bridge import GrpcBridge
 from agentd.llm_openai import ChatSettings, OpenAIChat
+from agentd.metrics import Metrics, upstreams_failing
 from agentd.metronome import Metronome
+from agentd.notify import Notifier
 from agentd.security import Gatekeeper, UpgradeRefused
 from agentd.tts_google import GoogleStreamingTts, GoogleTts
 
@@ -51,26 +57,108 @@ _INTERNAL_ERROR = 1011
 # Twilio sends `connected` and `start` as soon as the socket opens; a socket
 # that does not is only holding one of the max_calls slots.
 START_TIMEOUT_S = 10.0
+RECENT_TURNS = 8
 
 
 @dataclass
 class Server:
-    """What ``serve`` reports once it is listening."""
+    """The running daemon: what ``serve`` reports once it is listening, and what ops reads."""
 
     port: int
     services: Services
     gate: Gatekeeper
     active_calls: int = 0
+    # Refusals by reason ("busy", "draining", ...); /metrics reads them at scrape time.
+    refused: collections.Counter[str] = field(default_factory=collections.Counter)
+    draining: bool = False
+    calls: LiveCalls = field(default_factory=LiveCalls)
+    # The greetings, apologies and fillers of every business are synthesized (see _keep_warming).
+    cache_warm: bool = False
+    ops_port: int | None = None
+    reload_config: Callable[[], Config] | None = None
+    http: httpx.AsyncClient | None = None  # the pooled client every OpenAIChat shares
+    started_at: float = field(default_factory=trio.current_time)
+    metrics: Metrics = field(init=False)
+    # The last turn records, newest last: the status page draws their stage waterfall.
+    recent_turns: collections.deque[dict] = field(default_factory=lambda: collections.deque(maxlen=RECENT_TURNS))
+
+    def __post_init__(self) -> None:
+        self.metrics = Metrics(self)
+        self.services.observers += [self.metrics.observe, self._keep_turn]
+        self._reload_lock = trio.Lock()
+
+    def _keep_turn(self, record: dict) -> None:
+        if record.get("kind") == "turn":
+            self.recent_turns.append(record)
+
+    def not_ready(self) -> list[str]:
+        """Why the daemon cannot take a call right now ([] = ready): what /readyz reports."""
+        reasons = [] if self.cache_warm else ["greetings not cached yet"]
+        reasons += ["draining"] if self.draining else []
+        reasons += [f"{service} failing" for service in upstreams_failing(trio.current_time())]
+        return reasons
+
+    def status_line(self) -> str:
+        """One line for systemd's STATUS=: "12 calls, ready", "draining, 3 calls left"."""
+        if self.draining:
+            return f"draining, {len(self.calls)} calls left"
+        problems = self.not_ready()
+        return f"{len(self.calls)} calls, " + ("ready" if not problems else "not ready: " + ", ".join(problems))
+
+    async def reload(self) -> None:
+        """Re-read the configuration for new calls (SIGHUP); an invalid file keeps the old one.
+
+        Businesses, prompts and tuning change; the new greetings and fillers are
+        synthesized before any call uses them. Calls in progress keep the
+        Services they started with. Listeners, endpoints and limits need a restart.
+        """
+        if self.reload_config is None:
+            log.warning("reload: this server has no configuration file to re-read")
+            return
+        async with self._reload_lock:
+            try:
+                config = self.reload_config()
+            except ConfigError as exc:
+                log.error("reload: invalid configuration, keeping the running one:\n%s", exc)
+                return
+            old = self.services
+            for key in _RESTART_KEYS:
+                if _dotted(config, key) != _dotted(old.config, key):
+                    log.warning("reload: %s changed; it takes effect only after a restart", key)
+            chat = OpenAIChat(self.http, ChatSettings.from_config(config), api_key=config.llm_api_key())
+            services = dataclasses.replace(old, config=config, chat=chat, cache=AudioCache(old.tts))
+            await _warm_cache(services)
+            self.services = services
+            log.info("reload: new calls use the new configuration:\n%s", config_summary(config))
+
+
+# What a reload cannot change: they are bound or opened once, at startup.
+_RESTART_KEYS = ("server.host", "server.port", "server.path", "server.max_calls", "server.telemetry_dir",
+                 "ops.listen", "stt.endpoint", "stt.tls", "tts.endpoint", "tts.tls", "tts.streaming")
+
+
+def _dotted(config: Config, key: str):
+    section, name = key.split(".")
+    return getattr(getattr(config, section), name)
 
 
 async def serve(config: Config, *, observers: list[Callable[[dict], None]] | None = None,
+                notifier: Notifier | None = None, handle_signals: bool = False,
+                reload_config: Callable[[], Config] | None = None,
                 task_status=trio.TASK_STATUS_IGNORED) -> None:
-    """Run the daemon until cancelled; ``task_status.started(Server)`` once listening.
+    """Run the daemon; ``task_status.started(Server)`` once listening.
 
-    Raises ConfigError before opening anything when a configured security check
-    lacks its secret (fail closed: see agentd.security).
+    Runs until cancelled or, with ``handle_signals`` (the CLI; main thread
+    only), until a SIGTERM/SIGINT drain has ended every call (agentd.drain).
+    Raises ConfigError before opening anything when a configured check lacks
+    its secret or the LLM key's variable is unset (fail closed), ListenError
+    when a port cannot be bound.
     """
     gate = Gatekeeper.from_config(config)
+    api_key = _require_llm_key(config)
+    notifier = notifier or Notifier(None)
+    listeners = await _listen(config.server.host, config.server.port, "server.host/server.port")
+    ops_listeners = await _listen(*_host_port(config.ops.listen), "ops.listen") if config.ops.listen else []
     bridge = GrpcBridge()
     async with trio.open_nursery() as nursery:
         await nursery.start(bridge.serve)
@@ -82,6 +170,7 @@ async def serve(config: Config, *, observers: list[Callable[[dict], None]] | Non
         tts = tts_class(tts_channel, timeout_s=config.tts.timeout_ms / 1000)
         sink = telemetry.JsonlSink(config.server.telemetry_dir)
         await nursery.start(sink.run)
+        nursery.start_soon(telemetry.prune_daily, config.server.telemetry_dir, config.telemetry.keep_days)
         metronome = Metronome()
         await nursery.start(metronome.run)
         # Keep-alive for as many as may be open: with fewer, httpcore closes idle connections whenever
@@ -89,20 +178,58 @@ async def serve(config: Config, *, observers: list[Callable[[dict], None]] | Non
         limits = httpx.Limits(max_connections=config.server.max_calls,
                               max_keepalive_connections=config.server.max_calls)
         async with httpx.AsyncClient(limits=limits, timeout=config.llm.timeout_ms / 1000) as http:
-            chat = OpenAIChat(http, ChatSettings.from_config(config), api_key=config.llm_api_key())
+            chat = OpenAIChat(http, ChatSettings.from_config(config), api_key=api_key)
             services = Services(config=config, chat=chat, tts=tts, stt_channel=stt_channel,
-                                cache=AudioCache(tts), sink=sink, metronome=metronome, observers=observers or [])
-            await _warm_cache(services)
+                                cache=AudioCache(tts), sink=sink, metronome=metronome, observers=list(observers or ()))
+            server = Server(port=0, services=services, gate=gate, reload_config=reload_config, http=http)
+            server.cache_warm = await _warm_cache(services)
             _freeze_startup_objects()
-            server = Server(port=0, services=services, gate=gate)
             server.port = await nursery.start(functools.partial(
-                _serve_websockets, lambda request: _handle(server, request), config))
+                _serve_websockets, lambda request: _handle(server, request), config, listeners))
             log.info("agentd listening on ws://%s:%d%s", config.server.host, server.port, config.server.path)
+            if ops_listeners:
+                server.ops_port = await nursery.start(ops.serve_ops, server, ops_listeners)
+                log.info("ops listening on http://%s:%d (/healthz /readyz /metrics /)",
+                         _host_port(config.ops.listen)[0], server.ops_port)
+            nursery.start_soon(_keep_warming, server, notifier)
+            await nursery.start(functools.partial(notifier.run, server.status_line))
             task_status.started(server)
-            await trio.sleep_forever()
+            if not handle_signals:
+                await trio.sleep_forever()
+            await run_until_drained(server, config.server.drain_timeout_s, reload=server.reload,
+                                    on_drain=lambda: notifier.send("STOPPING=1", "STATUS=" + server.status_line()))
+            nursery.cancel_scope.cancel()
 
 
-async def _serve_websockets(handler, config: Config, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+class ListenError(AgentdError):
+    """A listening socket could not be opened (port in use, unknown host); the message says which."""
+
+
+def _host_port(listen: str) -> tuple[str, int]:
+    """("127.0.0.1", 9090) from "127.0.0.1:9090" (brackets of an IPv6 host removed)."""
+    host, _, port = listen.rpartition(":")
+    return host.strip("[]"), int(port)
+
+
+async def _listen(host: str, port: int, keys: str) -> list[trio.SocketListener]:
+    """Bind now, so a port in use or a bad host is one clear error before anything else starts."""
+    try:
+        return await trio.open_tcp_listeners(port, host=host)
+    except OSError as exc:
+        raise ListenError(f"cannot listen on {host}:{port} ({keys}): {exc.strerror or exc}") from exc
+
+
+def _require_llm_key(config: Config) -> str | None:
+    """The LLM key; ConfigError when llm.api_key_env names a variable that is unset or empty."""
+    key = config.llm_api_key()
+    if config.llm.api_key_env and key is None:
+        raise ConfigError(f"llm.api_key_env: the variable {config.llm.api_key_env} is unset or empty "
+                          "(set it, e.g. in /etc/agentd/agentd.env, or set llm.api_key_env = \"\" for a keyless server)")
+    return key
+
+
+async def _serve_websockets(handler, config: Config, listeners: list[trio.SocketListener], *,
+                            task_status=trio.TASK_STATUS_IGNORED) -> None:
     """trio-websocket's server, with each connection fenced off from the others.
 
     trio-websocket runs a connection's reader task in a nursery under the
@@ -112,7 +239,6 @@ async def _serve_websockets(handler, config: Config, *, task_status=trio.TASK_ST
     boundary; this reaches for WebSocketServer's per-connection handler, the
     one place trio-websocket offers no hook (tests/test_hostile_input.py pins it).
     """
-    listeners = await trio.open_tcp_listeners(config.server.port, host=config.server.host)
     server = trio_websocket.WebSocketServer(
         handler, listeners, max_message_size=2 * config.server.max_message_bytes)
 
@@ -149,15 +275,39 @@ def _freeze_startup_objects() -> None:
     gc.freeze()
 
 
-async def _warm_cache(services: Services) -> None:
+async def _warm_cache(services: Services) -> bool:
+    """Synthesize every business's fixed phrases (at most 30 s); True when all are cached."""
     phrases = []
     for business in services.config.businesses.values():
         voice = services.voice(business)
-        phrases += [(voice, business.greeting), (voice, business.apology), (voice, business.goodbye)]
-        phrases += [(voice, filler) for filler in business.fillers]
-    with trio.move_on_after(30):
+        texts = [business.greeting, business.apology, business.goodbye, *business.fillers]
+        phrases += [(voice, text) for text in texts if text.strip()]
+    cached = 0
+    with trio.move_on_after(_WARM_TIMEOUT_S):
         cached = await services.cache.warm(phrases)
-        log.info("pre-synthesized %d of %d phrases", cached, len(phrases))
+    log.log(logging.INFO if cached == len(phrases) else logging.WARNING,
+            "pre-synthesized %d of %d phrases", cached, len(phrases))
+    return cached == len(phrases)
+
+
+_WARM_TIMEOUT_S = 30.0
+_WARM_RETRY_S = (1.0, 2.0, 5.0, 10.0, 30.0)  # then every 30 s
+
+
+async def _keep_warming(server: Server, notifier: Notifier) -> None:
+    """Retry the phrase cache until it is complete (TTS unreachable at startup), then READY=1.
+
+    Calls are taken meanwhile (a missing phrase is synthesized when first needed),
+    but /readyz says 503 and the log says why, so no deploy proceeds on a mute daemon.
+    """
+    for attempt in itertools.count():
+        if server.cache_warm:
+            break
+        pause_s = _WARM_RETRY_S[min(attempt, len(_WARM_RETRY_S) - 1)]
+        log.warning("greetings not all cached (TTS unreachable?); not ready; retrying in %gs", pause_s)
+        await trio.sleep(pause_s)
+        server.cache_warm = await _warm_cache(server.services)
+    await notifier.send("READY=1", "STATUS=" + server.status_line())
 
 
 async def _handle(server: Server, request: trio_websocket.WebSocketRequest) -> None:
@@ -171,8 +321,14 @@ async def _handle(server: Server, request: trio_websocket.WebSocketRequest) -> N
         log.warning("refusing a call from %s: %s", _peer(request), exc)
         await request.reject(403, body=b"forbidden\n")
         return
+    if server.draining:
+        log.info("refusing a call: draining")
+        server.refused["draining"] += 1
+        await request.reject(503, body=b"draining\n")
+        return
     if server.active_calls >= config.server.max_calls:
         log.warning("refusing a call: %d calls active (server.max_calls)", server.active_calls)
+        server.refused["busy"] += 1
         await request.reject(503, body=b"busy\n")
         return
     server.active_calls += 1  # before accept() yields, so two upgrades cannot both take the last slot
@@ -219,7 +375,13 @@ async def _run_call(ws: trio_websocket.WebSocketConnection, server: Server) -> N
             return
         call_sid = start.call_sid
         server.gate.check_start(start)  # raises CallTokenError, a CallProtocolError: close 1008
-        close_reason = await Call(ws, server.services, start, t0=opened_at).run()
+        call = Call(ws, server.services, start, t0=opened_at)
+        logs.set_call(call_sid, call.business.name)
+        server.calls.add(call)
+        try:
+            close_reason = await call.run()
+        finally:
+            server.calls.discard(call)
     except* trio_websocket.ConnectionClosed:
         log.info("call=%s socket closed", call_sid)
     except* CallProtocolError as group:

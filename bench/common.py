@@ -184,7 +184,7 @@ def agentd_overrides(lc: LocalCloudProcess, *, port: int = 0, telemetry_dir: str
         "server.host": "127.0.0.1", "server.port": port, "server.telemetry_dir": telemetry_dir,
         "stt.endpoint": lc.grpc_target, "stt.tls": False,
         "tts.endpoint": lc.grpc_target, "tts.tls": False,
-        "llm.base_url": lc.http_base_url, "llm.api_key_env": "AGENTD_BENCH_NO_KEY",
+        "llm.base_url": lc.http_base_url, "llm.api_key_env": "", "ops.listen": "127.0.0.1:0",
     }
 
 
