@@ -4,7 +4,8 @@
 install:
 	@scripts/install.sh
 
-demo: install
+demo:
+	@scripts/install.sh localcloud
 	.venv/bin/agentd demo
 
 test: install
