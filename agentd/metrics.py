@@ -13,7 +13,7 @@ places, each read where it already exists:
   collector), so refusal sites need no metric calls.
 * **Upstream errors.** The adapters translate foreign errors in one place
   each; that place calls ``count_upstream_error(service, kind)``. Those counts
-  are process-wide (one set of adapters per process), and ``upstreams_failing``
+  are process-wide (one set of adapters per process); ``upstreams_failing``
   turns their recent rate into the "upstreams failing right now" that
   ``/readyz`` reports.
 
@@ -50,8 +50,16 @@ FAILING_ERRORS = 3
 FAILING_WINDOW_S = 30.0
 
 _upstream_errors: collections.Counter[tuple[str, str]] = collections.Counter()
-_recent_errors: dict[str, collections.deque[float]] = collections.defaultdict(
-    lambda: collections.deque(maxlen=FAILING_ERRORS))
+# Trio-clock times of each service's last errors. Per Trio run: each run has its own clock.
+_recent_errors: trio.lowlevel.RunVar[dict[str, collections.deque[float]]] = trio.lowlevel.RunVar("recent_errors")
+
+
+def _recent() -> dict[str, collections.deque[float]]:
+    try:
+        return _recent_errors.get()
+    except LookupError:
+        _recent_errors.set(collections.defaultdict(lambda: collections.deque(maxlen=FAILING_ERRORS)))
+        return _recent_errors.get()
 
 
 def count_upstream_error(service: str, kind: str) -> None:
@@ -60,12 +68,12 @@ def count_upstream_error(service: str, kind: str) -> None:
     Called by each adapter where it translates a foreign error, just before raising.
     """
     _upstream_errors[service, kind] += 1
-    _recent_errors[service].append(trio.current_time())
+    _recent()[service].append(trio.current_time())
 
 
 def upstreams_failing(now: float) -> list[str]:
     """Services with FAILING_ERRORS errors within the last FAILING_WINDOW_S seconds, sorted."""
-    return sorted(service for service, times in _recent_errors.items()
+    return sorted(service for service, times in _recent().items()
                   if len(times) == FAILING_ERRORS and now - times[0] <= FAILING_WINDOW_S)
 
 

@@ -79,21 +79,25 @@ def waterfall(turns: Iterable[Mapping[str, Any]]) -> str:
             label = ""
     if not rows:
         return "<p>No turns yet.</p>"
-    span = max(max(end for *_, end in rows), 1.0)
+    # A speculative reply starts before the caller stops: such stages begin left of 0 (negative ms).
+    lo = min(0.0, *(min(start, end) for *_, start, end in rows))
+    span = max(max(max(start, end) for *_, start, end in rows) - lo, 1.0)
     scale = _PLOT_PX / span
     height = _ROW_PX * len(rows) + 24
     out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{_LABEL_PX + _PLOT_PX + 70}" height="{height}" '
            'font-size="11" font-family="sans-serif">']
     for i, (label, stage, start, end) in enumerate(rows):
         y = i * _ROW_PX
-        x, width = _LABEL_PX + max(start, 0) * scale, max((end - max(start, 0)) * scale, 1)
+        x, width = _LABEL_PX + (min(start, end) - lo) * scale, max(abs(end - start) * scale, 1)
         out += [f'<text x="0" y="{y + 12}">{html.escape(label)}</text>',
                 f'<text x="{_LABEL_PX - 4}" y="{y + 12}" text-anchor="end">{stage}</text>',
                 f'<rect x="{x:.1f}" y="{y + 2}" width="{width:.1f}" height="{_ROW_PX - 4}" fill="{_COLOURS[stage]}"/>',
                 f'<text x="{x + width + 3:.1f}" y="{y + 12}">{end - start:.0f} ms</text>']
     axis_y = _ROW_PX * len(rows) + 14
-    out.append(f'<text x="{_LABEL_PX}" y="{axis_y}">0 ms = end of the caller\'s speech; '
-               f'right edge = {span:.0f} ms</text></svg>')
+    zero = _LABEL_PX - lo * scale
+    out.append(f'<line x1="{zero:.1f}" y1="0" x2="{zero:.1f}" y2="{axis_y - 10}" stroke="#888" stroke-dasharray="3"/>')
+    out.append(f'<text x="{_LABEL_PX}" y="{axis_y}">dashed line = end of the caller\'s speech (0 ms); '
+               f'width = {span:.0f} ms</text></svg>')
     return "\n".join(out)
 
 

@@ -1,5 +1,6 @@
 """agentd.telemetry: timeline stamps and stages, log formatting, the JSONL sink."""
 
+import datetime
 import json
 
 import pytest
@@ -120,7 +121,12 @@ def test_stats_line_shows_unknown_values_as_dashes():
 # --- JsonlSink -----------------------------------------------------------------------------------
 
 def read_jsonl(path):
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+    """The file's records; each must carry `time`, an ISO 8601 UTC moment (popped, so the rest compares)."""
+    records = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+    for record in records:
+        moment = datetime.datetime.fromisoformat(record.pop("time").replace("Z", "+00:00"))
+        assert moment.utcoffset() == datetime.timedelta(0)
+    return records
 
 
 async def test_sink_appends_turn_and_call_records_to_daily_files(tmp_path):
@@ -198,3 +204,14 @@ async def test_write_failure_costs_the_batch_not_the_daemon(tmp_path, caplog):
         await sink.run()
     assert sink.dropped == 2 and sink.written == 0
     assert "telemetry: dropped 2 records" in caplog.text
+
+
+def test_prune_deletes_only_the_sinks_files_older_than_keep_days(tmp_path):
+    from agentd.telemetry import prune
+    names = ["turns-20261101.jsonl", "calls-20261104.jsonl", "turns-20261105.jsonl", "calls-20261205.jsonl",
+             "notes-20200101.jsonl", "turns-latest.jsonl"]
+    for name in names:
+        (tmp_path / name).write_text("{}\n")
+    removed = prune(str(tmp_path), 30, datetime.date(2026, 12, 5))
+    assert removed == ["calls-20261104.jsonl", "turns-20261101.jsonl"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(set(names) - set(removed))
