@@ -2,7 +2,8 @@
 
 Each backticked line in the table's last column must be an instance of one of
 agentd's own message templates (a logging format or an f-string in agentd/),
-with ``CA..`` standing for a call sid and ``...`` for any text.
+with ``CA..`` standing for a call sid and ``...`` for any text; a quote ending in ``:``
+is the first line of a message whose details follow.
 """
 
 from __future__ import annotations
@@ -50,4 +51,6 @@ def test_every_quoted_log_line_is_one_agentd_prints():
     assert len(lines) >= 12
     for line in lines:
         concrete = line.replace("CA..", "CA0123").replace("...", "x")
+        if line.endswith(":"):  # the first line of a message whose details follow on the next lines
+            concrete += "\nx"
         assert any(p.fullmatch(concrete) for p in patterns), f"README quotes a line agentd never prints: {line}"
