@@ -38,7 +38,7 @@ def _waterfall(ax, report: Report) -> None:
             for a, b in [STAGES[stage]] if a in stamps and b in stamps]
     for i, (stage, start, end) in enumerate(rows):
         ax.barh(i, end - start, left=start, color=f"C{i}")
-        ax.text(end + 10, i, f"{end - start:.0f} ms", va="center", fontsize=9)
+        ax.text(max(start, end) + 10, i, f"{end - start:.0f} ms", va="center", fontsize=9)
     ax.set_yticks(range(len(rows)), [stage for stage, *_ in rows])
     ax.invert_yaxis()
     ax.set_xlabel("ms after the caller stopped speaking (median of each moment)")
