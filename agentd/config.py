@@ -232,6 +232,7 @@ class LlmConfig:
     history_turns: int = _opt(12, lo=0)
     first_clause_min_chars: int = _opt(24, lo=0)
     filler_after_ms: int = _opt(1200, _MS)  # 0 = never
+    stream_usage: bool = True  # ask for token usage at the end of each stream (stream_options)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -52,7 +52,7 @@ import trio
 from agentd.codecs.sse import DONE, SseDecoder, parse_chat_event
 from agentd.config import Config
 from agentd.errors import UpstreamUnavailable
-from agentd.metrics import count_upstream_error
+from agentd.metrics import count_tokens, count_upstream_error
 
 __all__ = ["ChatModel", "ChatSettings", "OpenAIChat", "build_messages"]
 
@@ -78,6 +78,7 @@ class ChatSettings:
     temperature: float | None  # None: omitted, the server's default applies
     timeout_s: float  # total time spent waiting on the server, per request
     first_token_timeout_s: float  # from request start to the first non-empty text
+    stream_usage: bool  # ask for token counts at the end of the stream (stream_options)
 
     @classmethod
     def from_config(cls, config: Config) -> ChatSettings:
@@ -85,7 +86,8 @@ class ChatSettings:
         llm = config.llm
         return cls(base_url=llm.base_url, model=llm.model, max_tokens_param=llm.max_tokens_param,
                    max_tokens=llm.max_tokens, temperature=llm.temperature,
-                   timeout_s=llm.timeout_ms / 1000, first_token_timeout_s=llm.first_token_timeout_ms / 1000)
+                   timeout_s=llm.timeout_ms / 1000, first_token_timeout_s=llm.first_token_timeout_ms / 1000,
+                   stream_usage=llm.stream_usage)
 
 
 class ChatModel(Protocol):
@@ -160,6 +162,8 @@ class OpenAIChat:
         }
         if self._settings.temperature is not None:
             body["temperature"] = self._settings.temperature
+        if self._settings.stream_usage:
+            body["stream_options"] = {"include_usage": True}
         return body
 
 
@@ -205,6 +209,9 @@ class _Deltas:
         self._timer = timer
         self._decoder = SseDecoder()
         self._finished = False
+        # The server's token counts for this request, once its usage chunk has arrived (None before,
+        # or when the server sends none).
+        self.usage: dict[str, int] | None = None
 
     def __aiter__(self) -> "_Deltas":
         return self
@@ -229,6 +236,9 @@ class _Deltas:
             if event is DONE:
                 await self._drain()
                 raise StopAsyncIteration
+            if event.usage is not None:
+                self.usage = event.usage
+                count_tokens(event.usage)
             if event.text:
                 self._timer.got_first_token = True
                 return event.text

@@ -11,8 +11,9 @@ places, each read where it already exists:
 * **Server state, at scrape time.** Calls up now, refusals by reason and the
   drain flag are read off the ``Server`` when Prometheus asks (a custom
   collector), so refusal sites need no metric calls.
-* **Upstream errors.** The adapters translate foreign errors in one place
-  each; that place calls ``count_upstream_error(service, kind)``. Those counts
+* **Upstream errors and LLM tokens.** The adapters translate foreign errors in one place
+  each; that place calls ``count_upstream_error(service, kind)`` (and the LLM
+  adapter ``count_tokens`` for the usage the server reports). Those counts
   are process-wide (one set of adapters per process); ``upstreams_failing``
   turns their recent rate into the "upstreams failing right now" that
   ``/readyz`` reports.
@@ -31,7 +32,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, generate_la
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-__all__ = ["CONTENT_TYPE", "Metrics", "count_upstream_error", "upstreams_failing"]
+__all__ = ["CONTENT_TYPE", "Metrics", "count_tokens", "count_upstream_error", "upstreams_failing"]
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
@@ -50,6 +51,7 @@ FAILING_ERRORS = 3
 FAILING_WINDOW_S = 30.0
 
 _upstream_errors: collections.Counter[tuple[str, str]] = collections.Counter()
+_tokens: collections.Counter[str] = collections.Counter()
 # Trio-clock times of each service's last errors. Per Trio run: each run has its own clock.
 _recent_errors: trio.lowlevel.RunVar[dict[str, collections.deque[float]]] = trio.lowlevel.RunVar("recent_errors")
 
@@ -69,6 +71,12 @@ def count_upstream_error(service: str, kind: str) -> None:
     """
     _upstream_errors[service, kind] += 1
     _recent()[service].append(trio.current_time())
+
+
+def count_tokens(usage: Mapping[str, int]) -> None:
+    """Count an LLM response's token usage (the server's prompt_tokens and completion_tokens)."""
+    for kind in ("prompt", "completion"):
+        _tokens[kind] += usage.get(f"{kind}_tokens", 0)
 
 
 def upstreams_failing(now: float) -> list[str]:
@@ -152,3 +160,8 @@ class _ServerCollector(Collector):
         for (service, kind), count in sorted(_upstream_errors.items()):
             errors.add_metric([service, kind], count)
         yield errors
+        tokens = CounterMetricFamily("agentd_llm_tokens", "LLM tokens the server reported using",
+                                     labels=["kind"])
+        for kind in ("prompt", "completion"):
+            tokens.add_metric([kind], _tokens[kind])
+        yield tokens

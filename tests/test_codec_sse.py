@@ -110,6 +110,12 @@ def test_chunks_without_text_are_tolerated(data):
     assert parse_chat_event(data).text == ""
 
 
+def test_a_usage_chunk_carries_its_integer_counts():
+    data = '{"choices":[],"usage":{"prompt_tokens":9,"completion_tokens":3,"details":{"x":1},"flag":true}}'
+    assert parse_chat_event(data).usage == {"prompt_tokens": 9, "completion_tokens": 3}
+    assert parse_chat_event('{"choices":[],"usage":null}').usage is None
+
+
 def test_in_band_error_object_raises_with_its_details():
     data = '{"error": {"message": "Rate limit reached", "type": "requests", "code": "rate_limit_exceeded"}}'
     with pytest.raises(LlmStreamError) as caught:

@@ -7,10 +7,14 @@ Timeouts run on Trio's MockClock (`autojump_clock`): no real time passes.
 
 import dataclasses
 import json
+import types
 
 import httpx
 import pytest
 import trio
+from prometheus_client.parser import text_string_to_metric_families
+
+from agentd import metrics
 
 from agentd.codecs.sse import LlmStreamError
 from agentd.errors import UpstreamUnavailable
@@ -111,7 +115,31 @@ async def test_posts_a_streamed_chat_request_with_the_default_token_limit_name()
     assert request.headers["accept"] == "text/event-stream"
     assert request.headers["content-type"] == "application/json"
     assert server.sent_json() == {"model": "gpt-test", "messages": MESSAGES, "stream": True,
-                                  "max_completion_tokens": 150}
+                                  "max_completion_tokens": 150, "stream_options": {"include_usage": True}}
+
+
+async def test_token_usage_reported_at_the_end_of_the_stream_is_kept_and_counted():
+    usage = b'data: {"choices":[],"usage":{"prompt_tokens":9,"completion_tokens":3,"total_tokens":12}}\n\n'
+    before = tokens_counted()
+    async with make_chat(Server(Body(chunk("Hi") + usage + DONE))).stream(MESSAGES) as deltas:
+        assert [text async for text in deltas] == ["Hi"]
+    assert deltas.usage == {"prompt_tokens": 9, "completion_tokens": 3, "total_tokens": 12}
+    after = tokens_counted()
+    assert (after["prompt"] - before["prompt"], after["completion"] - before["completion"]) == (9, 3)
+
+
+def tokens_counted() -> dict[str, float]:
+    """agentd_llm_tokens_total by kind, as /metrics shows it."""
+    idle = types.SimpleNamespace(active_calls=0, draining=False, refused={})
+    family = next(f for f in text_string_to_metric_families(metrics.Metrics(idle).render().decode())
+                  if f.name == "agentd_llm_tokens")
+    return {s.labels["kind"]: s.value for s in family.samples if s.name == "agentd_llm_tokens_total"}
+
+
+async def test_usage_can_be_left_out_for_servers_that_refuse_stream_options():
+    server = Server()
+    await collect(make_chat(server, stream_usage=False))
+    assert "stream_options" not in server.sent_json()
 
 
 async def test_token_limit_name_and_temperature_are_configurable_and_no_key_means_no_auth():

@@ -29,6 +29,7 @@ FAMILIES = {  # the contract of issue 9: name -> (type, labels)
     "agentd_fallbacks": ("counter", {"kind"}),
     "agentd_tx_frames_dropped": ("counter", set()),
     "agentd_draining": ("gauge", set()),
+    "agentd_llm_tokens": ("counter", {"kind"}),
 }
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 PROMTOOL = shutil.which("promtool")
@@ -118,6 +119,7 @@ async def test_metrics_count_the_call_and_its_turns_in_the_named_families(config
     assert value("agentd_calls_refused", "agentd_calls_refused_total", reason="busy") == 2
     assert value("agentd_calls_active", "agentd_calls_active") == 0
     assert value("agentd_draining", "agentd_draining") == 0
+    assert value("agentd_llm_tokens", "agentd_llm_tokens_total", kind="completion") > 0, "localcloud reports usage"
 
 
 @pytest.mark.skipif(PROMTOOL is None, reason="promtool missing: scripts/install.sh installs Debian's prometheus")

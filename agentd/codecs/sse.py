@@ -91,6 +91,9 @@ class ChatDelta:
 
     text: str
     finish_reason: str | None = None
+    # Token counts (prompt_tokens, completion_tokens, ...) from a chunk that reports them:
+    # the last one, when the request asked for stream_options.include_usage.
+    usage: dict[str, int] | None = None
 
 
 def _optional_str(value: Any) -> str | None:
@@ -130,6 +133,13 @@ def _delta_text(choice: dict) -> str:
     return content
 
 
+def _usage(usage: Any) -> dict[str, int] | None:
+    """The integer counts of a `usage` object; None when there is none."""
+    if not isinstance(usage, dict):
+        return None
+    return {k: v for k, v in usage.items() if isinstance(v, int) and not isinstance(v, bool)} or None
+
+
 def parse_chat_event(data: str) -> ChatDelta | Literal[_Done.DONE]:
     """Interpret one SSE event's data from /chat/completions with stream=true.
 
@@ -150,5 +160,5 @@ def parse_chat_event(data: str) -> ChatDelta | Literal[_Done.DONE]:
         _raise_in_band(chunk["error"])
     choice = _first_choice(chunk)
     if choice is None:
-        return ChatDelta(text="", finish_reason=None)
+        return ChatDelta(text="", finish_reason=None, usage=_usage(chunk.get("usage")))
     return ChatDelta(text=_delta_text(choice), finish_reason=_optional_str(choice.get("finish_reason")))
