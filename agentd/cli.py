@@ -48,6 +48,21 @@ def _config_error(exc: Exception) -> int:
     return EXIT_CONFIG
 
 
+def _load_config(command: str, argv: list[str]):
+    """(path, Config) for a command whose one option is --config; (path, None) after printing every problem."""
+    from agentd.config import load_config
+    from agentd.errors import ConfigError
+
+    parser = argparse.ArgumentParser(prog=f"agentd {command}", description=_COMMANDS[command])
+    parser.add_argument("--config", default=None, help="path to agentd.toml (default: etc/agentd.toml)")
+    path = parser.parse_args(argv).config
+    try:
+        return path, load_config(path)
+    except ConfigError as exc:
+        _config_error(exc)
+        return path, None
+
+
 def _serve(argv: list[str]) -> int:
     import trio
     from google.auth.exceptions import DefaultCredentialsError
@@ -57,20 +72,16 @@ def _serve(argv: list[str]) -> int:
     from agentd.notify import Notifier
     from agentd.server import ListenError, serve
 
-    parser = argparse.ArgumentParser(prog="agentd serve", description=_COMMANDS["serve"])
-    parser.add_argument("--config", default=None, help="path to agentd.toml (default: etc/agentd.toml)")
-    args = parser.parse_args(argv)
-    try:
-        config = load_config(args.config)
-    except ConfigError as exc:
-        return _config_error(exc)
+    path, config = _load_config("serve", argv)
+    if config is None:
+        return EXIT_CONFIG
     setup_logging(config.server.log_level, config.server.log_format)
     logging.getLogger("agentd").info("agentd %s, config:\n%s", _version(), config_summary(config))
     notifier = Notifier.from_environment(os.environ)
     status = 0
     try:
         trio.run(lambda: serve(config, notifier=notifier, handle_signals=True,
-                               reload_config=lambda: load_config(args.config)))
+                               reload_config=lambda: load_config(path)))
     except* ConfigError as group:  # e.g. a check enabled without its secret, a missing LLM key
         status = _config_error(group.exceptions[0])
     except* DefaultCredentialsError as group:  # TLS endpoints need Google credentials
@@ -85,16 +96,11 @@ def _serve(argv: list[str]) -> int:
 
 
 def _check_config(argv: list[str]) -> int:
-    from agentd.config import config_tree, load_config
-    from agentd.errors import ConfigError
+    from agentd.config import config_tree
 
-    parser = argparse.ArgumentParser(prog="agentd check-config", description=_COMMANDS["check-config"])
-    parser.add_argument("--config", default=None, help="path to agentd.toml (default: etc/agentd.toml)")
-    args = parser.parse_args(argv)
-    try:
-        config = load_config(args.config)
-    except ConfigError as exc:
-        return _config_error(exc)
+    _, config = _load_config("check-config", argv)
+    if config is None:
+        return EXIT_CONFIG
     secrets = {config.llm.api_key_env: config.llm_api_key(), config.server.auth_token_env: config.twilio_auth_token(),
                config.server.call_token_secret_env: config.call_token_secret()}
     print(json.dumps(config_tree(config), indent=2, ensure_ascii=False))
