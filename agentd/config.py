@@ -123,6 +123,9 @@ class ServerConfig:
     log_format: str = _opt("text", choices=("text", "json"))  # json: one object per line
     # On SIGTERM/SIGINT calls go on this long; then each still up hears its goodbye and ends.
     drain_timeout_s: float = _opt(300.0, _SECONDS)
+    # SO_REUSEPORT on the Twilio listener: N processes share host:port, the kernel spreads
+    # connections; a draining process closes its listener so its siblings take the new calls.
+    reuse_port: bool = False
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -42,6 +42,7 @@ from agentd.config import Config, config_summary
 from agentd.drain import LiveCalls, run_until_drained
 from agentd.errors import AgentdError, CallProtocolError, ConfigError
 from agentd.grpc_bridge import GrpcBridge
+from agentd.listeners import open_shared_tcp_listeners
 from agentd.llm_openai import ChatSettings, OpenAIChat
 from agentd.metrics import Metrics, upstreams_failing
 from agentd.metronome import Metronome
@@ -133,8 +134,9 @@ class Server:
 
 
 # What a reload cannot change: they are bound or opened once, at startup.
-_RESTART_KEYS = ("server.host", "server.port", "server.path", "server.max_calls", "server.telemetry_dir",
-                 "ops.listen", "stt.endpoint", "stt.tls", "tts.endpoint", "tts.tls", "tts.streaming")
+_RESTART_KEYS = ("server.host", "server.port", "server.reuse_port", "server.path", "server.max_calls",
+                 "server.telemetry_dir", "ops.listen", "stt.endpoint", "stt.tls", "tts.endpoint", "tts.tls",
+                 "tts.streaming")
 
 
 def _dotted(config: Config, key: str):
@@ -157,7 +159,8 @@ async def serve(config: Config, *, observers: list[Callable[[dict], None]] | Non
     gate = Gatekeeper.from_config(config)
     api_key = _require_llm_key(config)
     notifier = notifier or Notifier(None)
-    listeners = await _listen(config.server.host, config.server.port, "server.host/server.port")
+    listeners = await _listen(config.server.host, config.server.port, "server.host/server.port",
+                              shared=config.server.reuse_port)
     ops_listeners = await _listen(*_host_port(config.ops.listen), "ops.listen") if config.ops.listen else []
     bridge = GrpcBridge()
     async with trio.open_nursery() as nursery:
@@ -184,8 +187,9 @@ async def serve(config: Config, *, observers: list[Callable[[dict], None]] | Non
             server = Server(port=0, services=services, gate=gate, reload_config=reload_config, http=http)
             server.cache_warm = await _warm_cache(services)
             _freeze_startup_objects()
+            accepting = trio.CancelScope()
             server.port = await nursery.start(functools.partial(
-                _serve_websockets, lambda request: _handle(server, request), config, listeners))
+                _serve_websockets, lambda request: _handle(server, request), config, listeners, accepting))
             log.info("agentd listening on ws://%s:%d%s", config.server.host, server.port, config.server.path)
             if ops_listeners:
                 server.ops_port = await nursery.start(ops.serve_ops, server, ops_listeners)
@@ -196,8 +200,12 @@ async def serve(config: Config, *, observers: list[Callable[[dict], None]] | Non
             task_status.started(server)
             if not handle_signals:
                 await trio.sleep_forever()
-            await run_until_drained(server, config.server.drain_timeout_s, reload=server.reload,
-                                    on_drain=lambda: notifier.send("STOPPING=1", "STATUS=" + server.status_line()))
+            async def on_drain() -> None:
+                if config.server.reuse_port:  # the kernel gives new connections to listening siblings only
+                    accepting.cancel()
+                await notifier.send("STOPPING=1", "STATUS=" + server.status_line())
+
+            await run_until_drained(server, config.server.drain_timeout_s, reload=server.reload, on_drain=on_drain)
             nursery.cancel_scope.cancel()
 
 
@@ -211,9 +219,14 @@ def _host_port(listen: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
-async def _listen(host: str, port: int, keys: str) -> list[trio.SocketListener]:
-    """Bind now, so a port in use or a bad host is one clear error before anything else starts."""
+async def _listen(host: str, port: int, keys: str, *, shared: bool = False) -> list[trio.SocketListener]:
+    """Bind now, so a port in use or a bad host is one clear error before anything else starts.
+
+    ``shared``: with SO_REUSEPORT, so sibling processes may bind the same port (agentd.listeners).
+    """
     try:
+        if shared:
+            return await open_shared_tcp_listeners(port, host=host)
         return await trio.open_tcp_listeners(port, host=host)
     except OSError as exc:
         raise ListenError(f"cannot listen on {host}:{port} ({keys}): {exc.strerror or exc}") from exc
@@ -228,8 +241,8 @@ def _require_llm_key(config: Config) -> str | None:
     return key
 
 
-async def _serve_websockets(handler, config: Config, listeners: list[trio.SocketListener], *,
-                            task_status=trio.TASK_STATUS_IGNORED) -> None:
+async def _serve_websockets(handler, config: Config, listeners: list[trio.SocketListener],
+                            accepting: trio.CancelScope, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
     """trio-websocket's server, with each connection fenced off from the others.
 
     trio-websocket runs a connection's reader task in a nursery under the
@@ -238,6 +251,9 @@ async def _serve_websockets(handler, config: Config, listeners: list[trio.Socket
     would end every call. Each connection is therefore handled inside its own
     boundary; this reaches for WebSocketServer's per-connection handler, the
     one place trio-websocket offers no hook (tests/test_hostile_input.py pins it).
+
+    Cancelling ``accepting`` closes the listeners; the connections already
+    accepted go on, and this returns when the last one ends.
     """
     server = trio_websocket.WebSocketServer(
         handler, listeners, max_message_size=2 * config.server.max_message_bytes)
@@ -249,8 +265,10 @@ async def _serve_websockets(handler, config: Config, listeners: list[trio.Socket
             log.error("a WebSocket connection failed inside trio-websocket; only it is closed",
                       exc_info=group)
 
-    await trio.serve_listeners(fenced, listeners,
-                               task_status=_PortReporter(task_status))
+    async with trio.open_nursery() as connections:
+        with accepting:
+            await trio.serve_listeners(fenced, listeners, handler_nursery=connections,
+                                       task_status=_PortReporter(task_status))
 
 
 class _PortReporter:

@@ -1,0 +1,96 @@
+"""server.reuse_port: several `agentd serve` processes share one Twilio port (SO_REUSEPORT).
+
+Two real daemons bind the same 127.0.0.1 port; the kernel hashes each new
+connection onto one of them, so calls land on both. When one drains, it
+closes its listener: every new call goes to the other while the drained
+process's own calls go on to their end. Which process took a call is read
+from the processes' own call records.
+"""
+
+from __future__ import annotations
+
+import signal
+import socket
+
+import pytest
+import trio
+from conftest import BYE_LINE, HOURS_LINE
+from node_harness import agentd_node, wait_calls_active, wait_until_recorded
+
+from agentd.listeners import open_shared_tcp_listeners
+from agentd.softphone import place_call
+from bench.common import Delays, LocalCloudProcess
+
+TEST_LIMIT_S = 90  # a guard against hangs, not a performance assertion
+MAX_PROBE_CALLS = 16  # the chance that 16 hashed connections all pick one of two sockets is 1 in 32,768
+
+
+@pytest.fixture
+def localcloud(tmp_path):
+    with LocalCloudProcess([HOURS_LINE, BYE_LINE], Delays(stt_final_ms=100, llm_ttft_ms=100, tts_ttfb_ms=50),
+                           log_path=tmp_path / "localcloud.log") as lc:
+        yield lc
+
+
+@pytest.fixture
+def shared_port():
+    """A port both nodes may bind: held (bound, never listening) with SO_REUSEPORT until the test ends,
+    so no other program takes it meanwhile."""
+    with socket.socket() as holder:
+        holder.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        holder.bind(("127.0.0.1", 0))
+        yield holder.getsockname()[1]
+
+
+async def test_two_processes_on_one_port_both_take_calls_and_a_draining_one_takes_no_new_call(
+        localcloud, shared_port, caller, tmp_path):
+    with trio.fail_after(TEST_LIMIT_S):
+        async with (agentd_node(localcloud, "a", tmp_path, port=shared_port, reuse_port=True) as a,
+                    agentd_node(localcloud, "b", tmp_path, port=shared_port, reuse_port=True) as b):
+            url = a.url
+            assert b.url == url
+
+            # Greeting-only calls until each process has answered one.
+            took = []
+            while {a.name, b.name} - {node.name for node in took}:
+                assert len(took) < MAX_PROBE_CALLS, f"{len(took)} calls all landed on {took[0].name}"
+                report = await place_call(url, [], business="acme")
+                assert report.greeting.audio_ms > 0 and report.ended_by == "softphone"
+                took.append(await wait_until_recorded(report.call_sid, [a, b]))
+
+            # Calls with a turn until one is in progress on a; then a drains.
+            held = []
+            async with trio.open_nursery() as nursery:
+                async def long_call() -> None:
+                    held.append(await place_call(url, [caller["hours"]], business="acme"))
+
+                dialed = 0
+                while await a.calls_active() == 0:
+                    nursery.start_soon(long_call)
+                    dialed += 1
+                    await wait_calls_active([a, b], dialed)
+                on_a = await a.calls_active()
+                a.process.send_signal(signal.SIGTERM)
+                while (await a.ops_get("/readyz")).status_code != 503:
+                    await trio.sleep(0.05)
+
+                new_calls = [await place_call(url, [], business="acme") for _ in range(4)]
+                assert await a.calls_active() == on_a, "a's own calls are still up, so a is still draining"
+                for report in new_calls:
+                    assert report.greeting.audio_ms > 0 and report.ended_by == "softphone"
+                    assert await wait_until_recorded(report.call_sid, [a, b]) is b
+
+            assert await a.wait_exit() == 0
+            assert len(held) == dialed
+            for report in held:
+                assert report.ended_by == "softphone" and [t.answered for t in report.turns] == [True]
+            ended_on_a = [r for r in a.call_records() if r["call_sid"] in {h.call_sid for h in held}]
+            assert len(ended_on_a) == on_a and {r["end_reason"] for r in ended_on_a} == {"stop"}
+
+
+async def test_a_port_held_without_reuse_port_is_refused():
+    with socket.socket() as plain:  # a process that did not ask to share
+        plain.bind(("127.0.0.1", 0))
+        plain.listen()
+        with pytest.raises(OSError, match="SO_REUSEPORT"):
+            await open_shared_tcp_listeners(plain.getsockname()[1], host="127.0.0.1")
