@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Install what agentd's demo and tests need, idempotently:
 #   - Debian packages: espeak-ng (localcloud's TTS and the demo caller's voice); for the
-#     tests also prometheus (its promtool checks /metrics) and chromium (renders the status page)
+#     tests also prometheus (its promtool checks /metrics), chromium (renders the status page)
+#     and haproxy (the two-node load-balancer test runs etc/haproxy.cfg)
 #   - a virtualenv in .venv with agentd (editable) and the extras asked for
 # Usage: scripts/install.sh [EXTRAS]   EXTRAS defaults to "test" (make test); "localcloud"
 # for make demo.  A production host needs neither: pip install agentd.
@@ -12,7 +13,8 @@ extras=${1:-test}
 
 # command -> Debian package
 packages=(espeak-ng:espeak-ng)
-[ "$extras" = test ] && packages+=(promtool:prometheus chromium:chromium)
+# haproxy by its path: /usr/sbin is not on an unprivileged user's PATH
+[ "$extras" = test ] && packages+=(promtool:prometheus chromium:chromium /usr/sbin/haproxy:haproxy)
 missing=()
 for entry in "${packages[@]}"; do
     command -v "${entry%%:*}" >/dev/null 2>&1 || missing+=("${entry#*:}")

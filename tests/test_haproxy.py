@@ -32,7 +32,7 @@ FIRST_WAVE, NEXT_WAVE = 20, 10
 
 @pytest.fixture
 def haproxy() -> str:
-    path = shutil.which("haproxy")
+    path = shutil.which("haproxy") or shutil.which("haproxy", path="/usr/sbin")  # sbin: not on every PATH
     if path is None:
         pytest.skip("haproxy is not installed (scripts/install.sh installs Debian's haproxy package)")
     return path
