@@ -41,3 +41,14 @@ def cloud(base_config):
 @pytest.fixture
 def config(base_config, cloud, tmp_path):
     return demo_config(base_config, cloud, str(tmp_path / "telemetry"))
+
+
+@pytest.fixture
+def cloud_process(tmp_path):
+    """localcloud as its own process (script STT engine, short injected delays), for tests whose agentd
+    nodes are child processes too: the tests' own process then carries only the softphones."""
+    from bench.common import Delays, LocalCloudProcess
+
+    delays = Delays(stt_final_ms=100, llm_ttft_ms=100, tts_ttfb_ms=50)
+    with LocalCloudProcess([HOURS_LINE, BYE_LINE], delays, log_path=tmp_path / "localcloud.log") as lc:
+        yield lc
