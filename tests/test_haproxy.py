@@ -38,6 +38,24 @@ def haproxy() -> str:
     return path
 
 
+def test_the_shipped_file_passes_haproxys_own_check(haproxy, tmp_path):
+    """`haproxy -c` on etc/haproxy.cfg as shipped, its certificate path pointed at a throwaway one."""
+    openssl = shutil.which("openssl")
+    if openssl is None:
+        pytest.skip("openssl is not installed (it makes the throwaway certificate)")
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run([openssl, "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj",
+                    "/CN=voice.example.com", "-keyout", str(key), "-out", str(cert)], check=True, capture_output=True)
+    (tmp_path / "voice.pem").write_bytes(cert.read_bytes() + key.read_bytes())
+    shipped = HAPROXY_CFG.read_text()
+    config, count = re.subn(r"crt \S+", f"crt {tmp_path / 'voice.pem'}", shipped)
+    assert count == 1
+    (tmp_path / "haproxy.cfg").write_text(config)
+    result = subprocess.run([haproxy, "-c", "-f", str(tmp_path / "haproxy.cfg")], capture_output=True, text=True,
+                            timeout=60)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
 def loopback_config(shipped: str, *, port: int, nodes: list[Node], admin_socket: Path) -> str:
     """The shipped config listening on 127.0.0.1:``port`` in front of ``nodes``, run as this user."""
     rules = [
