@@ -184,6 +184,7 @@ class TurnConfig:
     early_finalize_enabled: bool = True
     strong_punct_min_chars: int = _opt(12, lo=1)
     strong_bare_min_chars: int = _opt(18, lo=1)
+    strong_bare_silence_s: float = _opt(0.5, _SECONDS)  # FSM wiring: issue 11, phase 2
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -25,6 +25,7 @@ dot after a common English abbreviation ("Dr.", "e.g.") and a list number at
 the start of a line ("1. ") do not end a sentence.
 """
 
+import enum
 import unicodedata
 
 _TERMINATORS = frozenset(".?!…")
@@ -221,15 +222,43 @@ def normalize_for_match(text: str) -> str:
 
 # --- strong partials ---------------------------------------------------------------
 
-# A caller whose transcript ends in one of these is mid-phrase: a bare Hebrew prefix particle
-# (ו ה ב ל מ ש כ written as a word of its own), a preposition, or an English function word.
-_HEBREW_PARTICLES = frozenset("והבלמשכ")
-_HEBREW_DANGLING = frozenset({"את", "על", "של", "עם", "או", "אבל", "כי"})
-_ENGLISH_DANGLING = frozenset({"and", "the", "to", "a", "an", "of", "or", "but", "with", "for"})
-_TITLES = frozenset({"mr", "mrs", "ms", "dr", "prof"})  # "... talk to Dr." - a name must follow
+# Last words after which a caller is mid-phrase, whatever the pause says. One table, by kind, so
+# someone who knows the language can review a list at a glance. Matched against the last word
+# casefolded, niqqud and edge punctuation removed. Left out on purpose: words that also end
+# sentences ("in", "on", "up", "by", "so", "that", "like"; Hebrew "לפני", "אחרי", "מאז", "גם").
+UNFINISHED_ENDINGS: dict[str, frozenset[str]] = {
+    # A Hebrew prefix letter written as a word of its own: the recogniser has heard the particle
+    # (ו "and", ה "the", ב "in", ל "to", מ "from", כ "as", ש "that") but not the word it joins.
+    "hebrew prefix particle": frozenset("והבלמכש"),
+    # Prefix letters stacked with nothing after them ("ושה..." = "and that the ..."). Not "מה",
+    # "לה", "בה", "כה", "של", "שב": those are whole words.
+    "hebrew prefix cluster": frozenset({"וה", "וב", "ול", "ומ", "וכ", "וש", "שה", "ושה", "שמ", "כש", "וכש", "מש"}),
+    "hebrew conjunction": frozenset({"אבל", "או", "כי", "אם", "אלא", "וגם", "כדי", "כאשר", "למרות", "בגלל"}),
+    "hebrew relative": frozenset({"אשר"}),  # the bare ש is a prefix particle above
+    "hebrew preposition": frozenset({"את", "על", "של", "עם", "אל", "בין", "כמו", "בשביל", "לגבי", "אצל",
+                                     "עד", "בלי", "לפי", "ליד", "מול", "לקראת"}),
+    "english conjunction": frozenset({"and", "or", "but", "nor", "because", "if", "than", "unless", "whether",
+                                      "although"}),
+    "english preposition": frozenset({"to", "for", "with", "of", "at", "from", "about", "into", "onto", "between",
+                                      "without", "until", "towards", "toward"}),
+    "english article": frozenset({"the", "a", "an", "my", "your", "our", "their", "every"}),
+    "english title": frozenset({"mr", "mrs", "ms", "dr", "prof"}),  # "... talk to Dr." - a name must follow
+}
+# A question may end on a stranded preposition ("Where are you from?", "What is it for?") or on
+# "את" as the pronoun "you" ("מי את?"): after these, a question mark means the sentence is done.
+_STRANDABLE = UNFINISHED_ENDINGS["english preposition"] | {"את"}
+_UNFINISHED = frozenset().union(*UNFINISHED_ENDINGS.values())
 # Stripped from both ends of the last word; the apostrophe and geresh are kept, because "ב'"
 # (grade/letter two) is a whole word, unlike the particle "ב".
 _WORD_EDGE_PUNCT = ".,;:!?…\"“”„«»()[]{}״-–—־"
+
+
+class Strength(enum.Enum):
+    """How complete an interim transcript looks (see `partial_strength`)."""
+
+    WEAK = "weak"  # too short, or the last word leaves the phrase open: only silence ends the turn
+    BARE = "bare"  # long enough but without sentence punctuation: the caller may well go on
+    PUNCTUATED = "punctuated"  # ends a sentence: the strongest evidence a transcript gives
 
 
 def _last_word(text: str) -> str:
@@ -240,19 +269,26 @@ def _last_word(text: str) -> str:
     return ""
 
 
-def _dangles(text: str) -> bool:
+def ends_unfinished(text: str) -> bool:
+    """Does the transcript stop mid-phrase (its last word is in `UNFINISHED_ENDINGS`)?
+
+    A question mark after a word that questions may end on (a stranded English
+    preposition, Hebrew "את" as "you") counts as finished.
+    """
     word = _last_word(text)
-    return any(word in words for words in (_HEBREW_PARTICLES, _HEBREW_DANGLING, _ENGLISH_DANGLING, _TITLES))
+    if word not in _UNFINISHED:
+        return False
+    return not (word in _STRANDABLE and text.rstrip().rstrip("".join(_CLOSERS)).endswith("?"))
 
 
-def _ends_with_sentence_punct(text: str) -> bool:
+def ends_with_sentence_punct(text: str) -> bool:
     """The stripped text ends a sentence per the splitter's rules, conservatively.
 
     Stricter than the splitter in two ways that suit a partial transcript: a
     digit before the final dot may still grow into a decimal in the next
     partial, and a trailing ellipsis means the caller is trailing off.
     """
-    text = text.rstrip("".join(_CLOSERS))
+    text = text.strip().rstrip("".join(_CLOSERS))
     end = len(text)
     start = end
     while start > 0 and text[start - 1] in _TERMINATORS:
@@ -266,19 +302,24 @@ def _ends_with_sentence_punct(text: str) -> bool:
     return not set(run) <= _ELLIPSIS  # "...", "…" (but "?.." and "!!" are fine)
 
 
-def is_strong_partial(text: str, *, punct_min_chars: int = 12, bare_min_chars: int = 18) -> bool:
-    """Is this interim transcript likely a complete utterance worth a speculative reply?
+def partial_strength(text: str, *, punct_min_chars: int = 12, bare_min_chars: int = 18) -> Strength:
+    """Classify an interim transcript for end-of-turn decisions.
 
-    True when the stripped text has >= punct_min_chars and ends with real
-    sentence punctuation, or has >= bare_min_chars at all (Hebrew transcripts
-    often carry no punctuation). Always False when the last word shows the
-    caller is mid-phrase: a bare Hebrew prefix particle (ו ה ב ל מ ש כ), a
-    preposition such as את / על, an English word like "and", "the", "to", or
-    a title ("Dr.") that a name must follow.
+    WEAK when the stripped text is empty, `ends_unfinished`, or too short;
+    PUNCTUATED when it has >= punct_min_chars and `ends_with_sentence_punct`;
+    BARE when it has >= bare_min_chars without such punctuation (Hebrew
+    transcripts often carry none, and a caller who hesitates mid-sentence
+    leaves an unpunctuated partial behind, so the FSM waits longer on BARE).
     """
     text = text.strip()
-    if not text or _dangles(text):
-        return False
-    if len(text) >= bare_min_chars:
-        return True
-    return len(text) >= punct_min_chars and _ends_with_sentence_punct(text)
+    if not text or ends_unfinished(text):
+        return Strength.WEAK
+    if len(text) >= punct_min_chars and ends_with_sentence_punct(text):
+        return Strength.PUNCTUATED
+    return Strength.BARE if len(text) >= bare_min_chars else Strength.WEAK
+
+
+def is_strong_partial(text: str, *, punct_min_chars: int = 12, bare_min_chars: int = 18) -> bool:
+    """Is this interim transcript likely a complete utterance (`partial_strength` is not WEAK)?"""
+    strength = partial_strength(text, punct_min_chars=punct_min_chars, bare_min_chars=bare_min_chars)
+    return strength is not Strength.WEAK

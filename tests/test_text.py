@@ -4,7 +4,16 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from agentd.text import SentenceSplitter, is_strong_partial, normalize_for_match, split_sentences
+from agentd.text import (
+    UNFINISHED_ENDINGS,
+    SentenceSplitter,
+    Strength,
+    ends_unfinished,
+    is_strong_partial,
+    normalize_for_match,
+    partial_strength,
+    split_sentences,
+)
 
 
 def char_by_char(text: str, **kwargs) -> list[str]:
@@ -317,3 +326,90 @@ def test_thresholds_are_configurable():
     assert is_strong_partial("Yes please.", punct_min_chars=5)
     assert is_strong_partial("yes please", bare_min_chars=10)
     assert not is_strong_partial("yes please", bare_min_chars=11)
+
+
+# --- partial_strength: unfinished sentences -------------------------------------------------
+
+WEAK, BARE, PUNCTUATED = Strength.WEAK, Strength.BARE, Strength.PUNCTUATED
+
+STRENGTH_TABLE = [
+    # English: a conjunction, preposition or article at the end leaves the phrase open
+    ("I'd like to book a table for", WEAK),
+    ("I'd like to book a table and", WEAK),
+    ("Can you tell me about the", WEAK),
+    ("I need someone to come and look at it to", WEAK),
+    ("I'd like to book a table with", WEAK),
+    ("I can't come tomorrow because", WEAK),
+    ("Should I bring my passport or", WEAK),
+    ("I'd like to speak to someone about a", WEAK),
+    ("I am calling regarding my", WEAK),
+    ("Is the shop open on Sunday, and", WEAK),
+    ("I'd like to book a table for four people", BARE),
+    ("I'd like to book a table for four people.", PUNCTUATED),
+    ("What is it for?", PUNCTUATED),  # a stranded preposition ends a question
+    ("Where are you calling from?", PUNCTUATED),
+    ("Where are you calling from", WEAK),  # without the question mark it may go on
+    ("I was thinking maybe...", BARE),  # trailing off is not sentence punctuation
+    # Hebrew: a bare prefix letter, the relative ש, a conjunction or a preposition at the end
+    ("אני רוצה להזמין שולחן ל", WEAK),
+    ("אני רוצה להזמין שולחן ו", WEAK),
+    ("אני רוצה להזמין את ה", WEAK),
+    ("אני צריך לדעת ש", WEAK),
+    ("אני רוצה להגיע מחר אבל", WEAK),
+    ("אני רוצה לקבוע תור כי", WEAK),
+    ("אפשר לקבוע תור או", WEAK),
+    ("אני רוצה להזמין שולחן בשביל", WEAK),
+    ("אני רוצה לדבר עם", WEAK),
+    ("זה החדר אשר", WEAK),
+    ("אני רוצה להזמין ושה", WEAK),  # stacked prefix letters
+    ("אני רוצה להזמין שולחן", BARE),
+    ("אני רוצה להזמין שולחן לארבעה אנשים מחר", BARE),
+    ("אני רוצה להזמין שולחן לארבעה אנשים מחר.", PUNCTUATED),
+    ("מי את?", WEAK),  # complete, but too short for either rule
+    ("סליחה, מי מדבר איתי את?", PUNCTUATED),  # "את" as "you" ends a question
+    # Hebrew words that merely START with a prefix letter are whole words
+    ("אני רוצה להזמין שולחן בבקשה", BARE),
+    ("אני רוצה להגיד תודה רבה לכם", BARE),
+    ("אני רוצה שולחן לשניים הערב", BARE),
+    ("תודה רבה לכם. שלום", BARE),
+    ("אני רוצה להזמין שולחן, בבקשה.", PUNCTUATED),
+    ("מה המחיר של זה בשבילכם?", PUNCTUATED),
+    ("אני בכיתה ב' עכשיו", BARE),  # "ב'" is a word, not a particle
+    ("כמה זה עולה לה?", PUNCTUATED),  # "לה" (to her) is a word, not a cluster
+]
+
+
+@pytest.mark.parametrize(("text", "strength"), STRENGTH_TABLE, ids=[t for t, _ in STRENGTH_TABLE])
+def test_partial_strength(text, strength):
+    assert partial_strength(text) is strength
+    assert is_strong_partial(text) is (strength is not WEAK)
+
+
+@pytest.mark.parametrize("word", ["for", "and", "the", "to", "with", "because", "or"])
+def test_english_function_words_at_the_end_never_end_a_turn(word):
+    text = f"I would like to book a table for tomorrow evening {word}"
+    assert ends_unfinished(text)
+    assert ends_unfinished(text + ".")  # recogniser punctuation does not close the phrase
+    assert partial_strength(text + ".") is WEAK
+
+
+@pytest.mark.parametrize("particle", list("והבלמכש"))
+def test_every_bare_hebrew_prefix_letter_leaves_the_phrase_open(particle):
+    assert partial_strength(f"אני רוצה להזמין שולחן {particle}") is WEAK
+
+
+@pytest.mark.parametrize("word", ["בבקשה", "לכם", "שלום", "הבא", "מחר", "כן", "ולא", "בסדר", "שלנו", "כמה", "מה"])
+def test_hebrew_words_starting_with_a_prefix_letter_are_complete(word):
+    assert not ends_unfinished(f"אני רוצה את השולחן {word}")
+
+
+def test_the_word_lists_do_not_overlap_with_whole_words_they_must_not_catch():
+    every = frozenset().union(*UNFINISHED_ENDINGS.values())
+    assert every.isdisjoint({"in", "on", "up", "so", "that", "like", "מה", "לה", "בה", "כה", "לפני", "אחרי"})
+
+
+def test_a_long_unpunctuated_partial_is_bare_and_a_punctuated_one_is_not():
+    assert partial_strength("we would like a table for two") is BARE
+    assert partial_strength("we would like a table for two?") is PUNCTUATED
+    assert partial_strength("Table for two.", bare_min_chars=100) is PUNCTUATED
+    assert partial_strength("Table for two", bare_min_chars=100) is WEAK
