@@ -22,6 +22,7 @@ from agentd.localcloud.segmenter import EnergySegmenter, Framer, SegmentEnded, S
 from agentd.localcloud.settings import CloudState
 from agentd.localcloud.stt_engines import (
     Hypothesis,
+    ScriptCursor,
     ScriptDecoder,
     SpeechActivity,
     StreamRecognizer,
@@ -113,6 +114,40 @@ def test_script_recognizer_finish_finalizes_the_open_segment():
     recognizer.feed(voiced(10))
     (final,) = [e for e in recognizer.finish() if isinstance(e, Hypothesis)]
     assert (final.transcript, final.is_final, final.end_s) == ("only", True, 0.2)
+
+
+def transcripts(events: list) -> list[tuple[str, bool]]:
+    return [(e.transcript, e.is_final) for e in events if isinstance(e, Hypothesis)]
+
+
+def test_without_a_continuation_mark_each_pause_closes_a_result():
+    recognizer = script_recognizer(("book a table.", "for four."))
+    events = recognizer.feed(np.concatenate([voiced(20), quiet(25), voiced(20), quiet(16)]))
+    assert transcripts(events) == [
+        ("book", False), ("book a", False), ("book a table.", False), ("book a table.", True),
+        ("for", False), ("for four.", False), ("for four.", True),
+    ]
+
+
+def test_a_continued_line_makes_one_result_of_two_segments():
+    recognizer = script_recognizer(("book a table", "+ for four.", "next"))
+    events = recognizer.feed(np.concatenate([voiced(20), quiet(25), voiced(20), quiet(16), voiced(10)]))
+    assert transcripts(events) == [
+        ("book", False), ("book a", False), ("book a table", False),  # the first pause ends no result
+        ("book a table for", False), ("book a table for four.", False), ("book a table for four.", True),
+        ("next", False),  # a line without the mark starts afresh
+    ]
+    assert [e.begin for e in events if isinstance(e, SpeechActivity)] == [True, False, True, False, True]
+
+
+def test_a_continued_line_moves_a_shared_cursor_past_the_line_it_continues():
+    cursor = ScriptCursor()
+    decoder = ScriptDecoder(("book a table", "+ for four."), partial_interval_ms=120, cursor=cursor)
+    recognizer = StreamRecognizer(decoder, threshold_dbfs=-45, gap_ms=300, cpu_bound=False)
+    recognizer.feed(np.concatenate([voiced(20), quiet(25)]))
+    assert cursor.peek() == 1  # no final is coming for line 0: nothing left to deliver
+    events = recognizer.feed(np.concatenate([voiced(20), quiet(16)]))
+    assert transcripts(events)[-1] == ("book a table for four.", True)
 
 
 def test_closed_recognizer_ignores_audio():

@@ -23,7 +23,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--grpc-port", type=int, default=50051)
     parser.add_argument("--http-port", type=int, default=8081)
     parser.add_argument("--stt-engine", choices=STT_ENGINES, default="script")
-    parser.add_argument("--script", help="UTF-8 file, one transcript line per voiced segment")
+    parser.add_argument("--script", help="UTF-8 file, one transcript line per voiced segment; "
+                        "a line starting with '+ ' continues the result of the segment before it")
     parser.add_argument("--stt-final-delay-ms", type=int, default=150)
     parser.add_argument("--stt-stream-limit-s", type=float, default=305.0)
     parser.add_argument("--llm-ttft-ms", type=int, default=0)

@@ -7,6 +7,7 @@ each voiced segment to a `SegmentDecoder`:
 - `ScriptDecoder` answers the n-th segment with the n-th script line,
   revealed one word per `partial_interval_ms` of voiced audio (the n-th of
   the stream, or, with a shared `ScriptCursor`, of the whole localcloud);
+  a line marked as continuing makes one result of two segments;
 - `PocketsphinxDecoder` runs pocketsphinx's en-us model on the segment.
 
 pocketsphinx is fed 16 kHz audio, linearly upsampled from the 8 kHz phone
@@ -216,6 +217,9 @@ class ScriptCursor:
             self._next = max(self._next, line + 1)
 
 
+CONTINUES = "+"  # a script line starting with this continues the segment before it
+
+
 class ScriptDecoder:
     """The n-th segment of a stream is answered by the n-th script line.
 
@@ -223,6 +227,13 @@ class ScriptDecoder:
     `partial_interval_ms` of voiced audio; past the end of the script,
     segments get no result at all. With a `cursor`, "n-th" counts across
     every stream of the localcloud (see `ScriptCursor`).
+
+    A line that starts with `CONTINUES` ("+ for four people tomorrow.") makes
+    one result of two segments, as Google does when a caller's pause is too
+    short to close a result: the segment before it ends with no final, and
+    this segment's partials and final start with the earlier segment's words.
+    Without the marker each segment is a result of its own (Google's
+    `is_final` after a pause: it closes a segment, not the caller's turn).
     """
 
     stability = SCRIPT_STABILITY
@@ -235,24 +246,42 @@ class ScriptDecoder:
         self._next_line = 0
         self._line = 0
         self._unsent: deque[int] = deque()  # lines whose finals are made but not yet delivered
+        self._carried: list[str] = []  # words of earlier segments of the same result
         self._words: list[str] = []
 
     def begin(self, preroll: np.ndarray) -> None:
         self._line = self._cursor.peek() if self._cursor is not None else self._next_line
         self._next_line = self._line + 1
-        self._words = self._lines[self._line].split() if self._line < len(self._lines) else []
+        words = self._lines[self._line].split() if self._line < len(self._lines) else []
+        if words[:1] == [CONTINUES]:
+            words = words[1:]
+        else:
+            self._carried = []
+        self._words = words
 
     def frame(self, pcm: np.ndarray, *, voiced_ms: int) -> str | None:
         shown = min(len(self._words), voiced_ms // self._interval_ms)
-        return " ".join(self._words[:shown]) or None
+        if not shown:
+            return None  # nothing new yet (carried words were already shown before the pause)
+        return " ".join(self._carried + self._words[:shown])
 
     def end(self) -> str | None:
+        words = self._carried + self._words
+        if self._continued_by_next_line():
+            self._carried = words
+            if self._cursor is not None:
+                self._cursor.delivered(self._line)  # this line has no final of its own to deliver
+            return None
         if self._cursor is not None:
-            if self._words:
+            if words:
                 self._unsent.append(self._line)
             else:
                 self._cursor.delivered(self._line)  # no final to lose: move on now
-        return " ".join(self._words) or None
+        return " ".join(words) or None
+
+    def _continued_by_next_line(self) -> bool:
+        following = self._line + 1
+        return following < len(self._lines) and self._lines[following].split()[:1] == [CONTINUES]
 
     def final_sent(self) -> None:
         if self._cursor is not None and self._unsent:
