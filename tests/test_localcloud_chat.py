@@ -167,6 +167,23 @@ def test_the_last_request_body_is_recorded(cloud, client):
     assert stats["chat_calls"] == 2 and stats["last_chat_request"] == body
 
 
+def test_stats_count_prompt_and_sent_tokens_and_are_served_over_http(cloud, client):
+    body = chat_body("open?")
+    _, lines = sse_lines(client, body)
+    sent = len(streamed_text(data_events(lines)).split())
+    prompt = sum(len(m["content"].split()) for m in body["messages"])
+    stats = httpx.get(cloud.http_base_url.removesuffix("/v1") + "/localcloud/stats").json()
+    assert (stats["chat_calls"], stats["chat_prompt_tokens"], stats["chat_tokens_sent"]) == (1, prompt, sent)
+
+
+def test_a_client_that_hangs_up_early_stops_the_sent_token_count(cloud, client):
+    cloud.configure(llm_tokens_per_s=5.0)  # 200 ms between tokens: the hang-up comes long before the last
+    with client.stream("POST", "/chat/completions", json=chat_body("open?")) as response:
+        assert any('"content": "We' in line for line in response.iter_lines())  # the first word, then hang up
+    cloud.stop()  # waits for every connection to end: the count is settled now
+    assert 1 <= cloud.stats()["chat_tokens_sent"] < len(PLUMBER.rules[0].reply.split())
+
+
 # --- validation, routes, connections -----------------------------------------------------------------
 
 

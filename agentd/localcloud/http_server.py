@@ -1,7 +1,9 @@
 """An OpenAI-compatible HTTP/1.1 server on asyncio streams, framed by h11.
 
 Routes: `POST /v1/chat/completions` (stream=true: server-sent events; else
-one `chat.completion`), `GET /v1/models`. Connections are kept alive between
+one `chat.completion`), `GET /v1/models`, and localcloud's own
+`GET /localcloud/stats` (the request and token counters of `CloudState`, so
+a benchmark in another process can measure what its LLM calls cost). Connections are kept alive between
 requests, as httpx's pool expects. Each connection is one asyncio task that
 reads a request, answers it, and starts h11's next cycle.
 
@@ -145,6 +147,9 @@ class OpenAiHttpServer:
         if path == "/v1/models" and method == "GET":
             await http.send_json(200, self._models())
             return True
+        if path == "/localcloud/stats" and method == "GET":
+            await http.send_json(200, self._state.stats())
+            return True
         await http.send_json(404, error_body(f"Invalid URL ({method} {path})"))
         return True
 
@@ -160,11 +165,12 @@ class OpenAiHttpServer:
         if refusal is not None:
             await http.send_json(refusal.status, refusal.body)
             return True
+        self._state.count("chat_prompt_tokens", usage_of(body["messages"], 0)["prompt_tokens"])
         words = tokens(rules_reply(body["messages"], settings.businesses))
         limit = token_limit(body)
         finish = "length" if limit is not None and len(words) > limit else "stop"
         words = words[:limit] if limit is not None else words
-        answer = _Answer(Completion.start(str(body["model"])), words, finish, body, settings)
+        answer = _Answer(Completion.start(str(body["model"])), words, finish, body, settings, self._state)
         self._state.count("active_chats")
         try:
             if body.get("stream"):
@@ -178,7 +184,8 @@ class _Answer:
     """One chat answer being delivered, whole or as a stream, with its faults."""
 
     def __init__(self, completion: Completion, words: list[str], finish: str, body: dict[str, Any],
-                 settings: LocalCloudSettings) -> None:
+                 settings: LocalCloudSettings, state: CloudState) -> None:
+        self._state = state
         self._completion = completion
         self._words = words
         self._finish = finish
@@ -199,6 +206,7 @@ class _Answer:
         await asyncio.sleep(self._first_token_delay_s() + self._token_gap_s() * max(0, len(self._words) - 1))
         usage = usage_of(self._body["messages"], len(self._words))
         await http.send_json(200, self._completion.whole("".join(self._words), self._finish, usage))
+        self._state.count("chat_tokens_sent", len(self._words))
         return True
 
     async def stream(self, http: _Http) -> bool:
@@ -217,6 +225,7 @@ class _Answer:
             if index:
                 await asyncio.sleep(self._token_gap_s())
             await http.send_event(self._completion.chunk({"content": word}))
+            self._state.count("chat_tokens_sent")
             if self._faults.llm_inband_error:
                 return await self._inband_error(http)
         if cut_after >= 0:  # the reply had no more than `cut_after` tokens: cut before the end

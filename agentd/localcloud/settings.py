@@ -114,6 +114,8 @@ _COUNTERS = (
     "list_voices_calls",
     "chat_calls",
     "active_chats",  # chat requests being answered now (a stalled one ends when the client hangs up)
+    "chat_prompt_tokens",  # words of the messages of every chat request answered (tokens = words here)
+    "chat_tokens_sent",  # reply words actually sent: a client that hangs up early stops the count
 )
 
 
