@@ -318,29 +318,44 @@ def run_matrix(args: argparse.Namespace, base: Config, turns: list[CallerTurn], 
 def run_quietly(args: argparse.Namespace, base: Config, lc: common.LocalCloudProcess, variant: Variant,
                 turns: list[CallerTurn], costs: list[PhraseCosts], delays: common.Delays) -> dict:
     """run_one on a quiet machine; again (up to --retries times) if other processes got busy meanwhile."""
-    def disturbed(result: dict) -> str | None:
-        if result["background_pct"] <= BACKGROUND_LIMIT_PCT:
-            return None
-        return f"{variant.name}: other processes used {result['background_pct']:.0f} % of a core meanwhile"
+    return common.run_quietly(lambda: run_one(args, base, lc, variant, turns, costs, delays), args,
+                              functools.partial(disturbed, variant))
 
-    return common.run_quietly(lambda: run_one(args, base, lc, variant, turns, costs, delays), args, disturbed)
+
+def disturbed(variant: Variant, result: dict) -> str | None:
+    """Why `result` (with its background_pct) is not agentd's alone, or None (common.run_quietly's judge)."""
+    if result["background_pct"] <= BACKGROUND_LIMIT_PCT:
+        return None
+    return f"{variant.name}: other processes used {result['background_pct']:.0f} % of a core meanwhile"
 
 
 def run_one(args: argparse.Namespace, base: Config, lc: common.LocalCloudProcess, variant: Variant,
             turns: list[CallerTurn], costs: list[PhraseCosts], delays: common.Delays) -> dict:
-    config = base.with_overrides(**common.agentd_overrides(lc), **{
+    config = variant_config(base, lc, variant)
+    run, background_pct = run_calls(args, config, lc, variant, turns)
+    return analyse(variant, run, costs, config, delays) | {
+        "costs": [asdict(c) for c in costs], "background_pct": background_pct}
+
+
+def variant_config(base: Config, lc: common.LocalCloudProcess, variant: Variant) -> Config:
+    """The production config pointed at `lc`, with the variant's features on or off."""
+    return base.with_overrides(**common.agentd_overrides(lc), **{
         "server.stats_interval_s": 0, "spec.enabled": variant.spec,
         "turn.early_finalize_enabled": variant.early_finalize})
+
+
+def run_calls(args: argparse.Namespace, config: Config, lc: common.LocalCloudProcess, variant: Variant,
+              turns: list[CallerTurn]) -> tuple[VariantRun, float]:
+    """Place --calls calls of `turns` on agentd with `config`; also the % of a core others used meanwhile."""
     print(f"running {variant.name}: {args.calls} calls...", file=sys.stderr, flush=True)
-    own0, busy0, wall0 = _own_cpu_s(lc), sum(common.cpu_busy_seconds().values()), time.monotonic()
+    own0, busy0, wall0 = own_cpu_s(lc), sum(common.cpu_busy_seconds().values()), time.monotonic()
     run = trio.run(functools.partial(run_variant, config, turns, calls=args.calls, parallel=args.parallel,
                                      stagger_s=args.stagger_s))
-    others = sum(common.cpu_busy_seconds().values()) - busy0 - (_own_cpu_s(lc) - own0)
-    return analyse(variant, run, costs, config, delays) | {
-        "costs": [asdict(c) for c in costs], "background_pct": 100 * max(0.0, others) / (time.monotonic() - wall0)}
+    others = sum(common.cpu_busy_seconds().values()) - busy0 - (own_cpu_s(lc) - own0)
+    return run, 100 * max(0.0, others) / (time.monotonic() - wall0)
 
 
-def _own_cpu_s(lc: common.LocalCloudProcess) -> float:
+def own_cpu_s(lc: common.LocalCloudProcess) -> float:
     """CPU time of this process (agentd + softphones) and of localcloud with its espeak-ng runs."""
     return common.cpu_seconds(os.getpid()) + common.cpu_seconds(lc.process.pid, children=True)
 
