@@ -78,31 +78,25 @@ class Hesitation:
         return normalize_for_match(f"{self.first.script} {self.second.script}").split()
 
 
-CORPUS: tuple[Hesitation, ...] = (
-    Hesitation(language="en-us", pause_ms=500, closes_result=False,
-               first=Phrase(spoken="I'd like to book a table", script="I'd like to book a table"),
-               second=Phrase(spoken="for four people tomorrow", script="for four people tomorrow.")),
-    Hesitation(language="en-us", pause_ms=640, closes_result=True,  # the first half is a question of its own
-               first=Phrase(spoken="What time do you open", script="What time do you open?"),
-               second=Phrase(spoken="on Saturday morning", script="On Saturday morning?")),
-    Hesitation(language="en-us", pause_ms=580, closes_result=False,  # ends on a preposition
-               first=Phrase(spoken="Can you send a plumber to look at", script="Can you send a plumber to look at"),
-               second=Phrase(spoken="the leaking pipe in my kitchen", script="the leaking pipe in my kitchen?")),
-    Hesitation(language="en-us", pause_ms=420, closes_result=True,
-               first=Phrase(spoken="How much does it cost", script="How much does it cost"),
-               second=Phrase(spoken="to replace a water heater", script="to replace a water heater?")),
-    Hesitation(language="he", pause_ms=500, closes_result=False,
-               first=Phrase(spoken="אני רוצה להזמין שולחן", script="אני רוצה להזמין שולחן"),
-               second=Phrase(spoken="לארבעה אנשים מחר", script="לארבעה אנשים מחר.")),
-    Hesitation(language="he", pause_ms=680, closes_result=True,
-               first=Phrase(spoken="מתי אתם פותחים", script="מתי אתם פותחים?"),
-               second=Phrase(spoken="ביום שישי בבוקר", script="ביום שישי בבוקר?")),
-    Hesitation(language="he", pause_ms=600, closes_result=False,  # ends on a preposition
-               first=Phrase(spoken="אני צריך אינסטלטור בשביל", script="אני צריך אינסטלטור בשביל"),
-               second=Phrase(spoken="לתקן צינור שדולף במטבח", script="לתקן צינור שדולף במטבח.")),
-    Hesitation(language="he", pause_ms=440, closes_result=True,
-               first=Phrase(spoken="כמה עולה לתקן את הדוד", script="כמה עולה לתקן את הדוד"),
-               second=Phrase(spoken="ולהחליף את הברז", script="ולהחליף את הברז?")),
+def _phrase(script: str) -> Phrase:
+    """A half as transcribed; espeak-ng speaks it without the recognizer's sentence punctuation."""
+    return Phrase(spoken=script.rstrip(".?!"), script=script)
+
+
+# language, pause ms, does the first half get a final, first half and second half as transcribed
+_TURNS = (
+    ("en-us", 500, False, "I'd like to book a table", "for four people tomorrow."),
+    ("en-us", 640, True, "What time do you open?", "On Saturday morning?"),  # a question of its own
+    ("en-us", 580, False, "Can you send a plumber to look at", "the leaking pipe in my kitchen?"),  # preposition
+    ("en-us", 420, True, "How much does it cost", "to replace a water heater?"),
+    ("he", 500, False, "אני רוצה להזמין שולחן", "לארבעה אנשים מחר."),
+    ("he", 680, True, "מתי אתם פותחים?", "ביום שישי בבוקר?"),  # a question of its own
+    ("he", 600, False, "אני צריך אינסטלטור בשביל", "לתקן צינור שדולף במטבח."),  # preposition
+    ("he", 440, True, "כמה עולה לתקן את הדוד", "ולהחליף את הברז?"),
+)
+CORPUS: tuple[Hesitation, ...] = tuple(
+    Hesitation(language=language, pause_ms=pause_ms, closes_result=closes, first=_phrase(first), second=_phrase(second))
+    for language, pause_ms, closes, first, second in _TURNS
 )
 
 

@@ -285,19 +285,32 @@ def fmt_ms(value: float | None) -> str:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m bench.latency", description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="2 calls per configuration (a smoke run, ~4 min)")
-    parser.add_argument("--calls", type=int, default=10, help="calls per configuration (default 10)")
-    parser.add_argument("--parallel", type=int, default=3, help="calls in progress at once (default 3)")
-    parser.add_argument("--stagger-s", type=float, default=7.0, help="between the first calls' starts")
-    parser.add_argument("--only", help="run only configurations whose name contains this (e.g. 'stt 880')")
-    parser.add_argument("--config", help="agentd.toml (default etc/agentd.toml)")
-    parser.add_argument("--out", type=Path, help="JSON results (default var/bench/latency-<time>.json)")
-    common.add_quiet_options(parser, each="configuration", retries=1, busy="got busy")
-    parser.add_argument("--log-level", default="ERROR")
+    add_run_options(parser, "latency", calls=10, parallel=3)
     args = parser.parse_args(argv)
     if args.quick:
         args.calls = min(args.calls, 2)
         args.parallel = min(args.parallel, 2)
     return args
+
+
+def add_run_options(parser: argparse.ArgumentParser, name: str, *, calls: int, parallel: int) -> None:
+    """The options of a benchmark on this harness: calls per configuration, which ones, config, output, quiet."""
+    parser.add_argument("--calls", type=int, default=calls, help=f"calls per configuration (default {calls})")
+    parser.add_argument("--parallel", type=int, default=parallel,
+                        help=f"calls in progress at once (default {parallel})")
+    parser.add_argument("--stagger-s", type=float, default=7.0, help="between the first calls' starts")
+    parser.add_argument("--only", help="run only configurations whose name contains this (e.g. 'stt 880')")
+    parser.add_argument("--config", help="agentd.toml (default etc/agentd.toml)")
+    parser.add_argument("--out", type=Path, help=f"JSON results (default var/bench/{name}-<time>.json)")
+    common.add_quiet_options(parser, each="configuration", retries=1, busy="got busy")
+    parser.add_argument("--log-level", default="ERROR")
+
+
+def out_path(args: argparse.Namespace, name: str) -> Path:
+    """--out, or var/bench/<name>-<time>.json; its directory is created."""
+    out = args.out or common.REPO / "var" / "bench" / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    return out
 
 
 def run_matrix(args: argparse.Namespace, base: Config, turns: list[CallerTurn], out_dir: Path) -> list[dict]:
@@ -373,8 +386,7 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(args.log_level)
     machine = common.machine_description()
     started = time.monotonic()
-    out = args.out or common.REPO / "var" / "bench" / f"latency-{time.strftime('%Y%m%d-%H%M%S')}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
+    out = out_path(args, "latency")
     base = load_config(args.config)
     print(f"bench.latency on {common.format_machine(machine)}")
     print(f"injected: LLM TTFT 350 ms at 60 tokens/s, TTS TTFB 120 ms; STT final 880 / 150 ms; "

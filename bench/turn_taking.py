@@ -197,14 +197,7 @@ def markdown_table(results: list[dict]) -> str:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m bench.turn_taking", description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="1 call per configuration, STT 880 only (~6 min)")
-    parser.add_argument("--calls", type=int, default=3, help="calls per configuration (default 3)")
-    parser.add_argument("--parallel", type=int, default=2, help="calls in progress at once (default 2)")
-    parser.add_argument("--stagger-s", type=float, default=7.0, help="between the first calls' starts")
-    parser.add_argument("--only", help="run only configurations whose name contains this (e.g. 'stt 880')")
-    parser.add_argument("--config", help="agentd.toml (default etc/agentd.toml)")
-    parser.add_argument("--out", type=Path, help="JSON results (default var/bench/turn-taking-<time>.json)")
-    common.add_quiet_options(parser, each="configuration", retries=1, busy="got busy")
-    parser.add_argument("--log-level", default="ERROR")
+    latency.add_run_options(parser, "turn-taking", calls=3, parallel=2)
     args = parser.parse_args(argv)
     if args.quick:
         args.calls, args.parallel = 1, 1
@@ -231,8 +224,7 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(args.log_level)
     machine = common.machine_description()
     started = time.monotonic()
-    out = args.out or common.REPO / "var" / "bench" / f"turn-taking-{time.strftime('%Y%m%d-%H%M%S')}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
+    out = latency.out_path(args, "turn-taking")
     print(f"bench.turn_taking on {common.format_machine(machine)}")
     print(f"injected: LLM TTFT 350 ms at 60 tokens/s, TTS TTFB 120 ms; STT final 880 / 150 ms; "
           f"{args.calls} calls x {len(CORPUS)} hesitating turns per configuration, <= {args.parallel} at once")
