@@ -26,7 +26,9 @@ the start of a line ("1. ") do not end a sentence.
 """
 
 import enum
+import types
 import unicodedata
+from collections.abc import Mapping
 
 _TERMINATORS = frozenset(".?!…")
 _ELLIPSIS = frozenset(".…")
@@ -226,7 +228,7 @@ def normalize_for_match(text: str) -> str:
 # someone who knows the language can review a list at a glance. Matched against the last word
 # casefolded, niqqud and edge punctuation removed. Left out on purpose: words that also end
 # sentences ("in", "on", "up", "by", "so", "that", "like"; Hebrew "לפני", "אחרי", "מאז", "גם").
-UNFINISHED_ENDINGS: dict[str, frozenset[str]] = {
+UNFINISHED_ENDINGS: Mapping[str, frozenset[str]] = types.MappingProxyType({
     # A Hebrew prefix letter written as a word of its own: the recogniser has heard the particle
     # (ו "and", ה "the", ב "in", ל "to", מ "from", כ "as", ש "that") but not the word it joins.
     "hebrew prefix particle": frozenset("והבלמכש"),
@@ -243,7 +245,7 @@ UNFINISHED_ENDINGS: dict[str, frozenset[str]] = {
                                       "without", "until", "towards", "toward"}),
     "english article": frozenset({"the", "a", "an", "my", "your", "our", "their", "every"}),
     "english title": frozenset({"mr", "mrs", "ms", "dr", "prof"}),  # "... talk to Dr." - a name must follow
-}
+})
 # A question may end on a stranded preposition ("Where are you from?", "What is it for?") or on
 # "את" as the pronoun "you" ("מי את?"): after these, a question mark means the sentence is done.
 _STRANDABLE = UNFINISHED_ENDINGS["english preposition"] | {"את"}
