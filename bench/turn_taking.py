@@ -183,7 +183,7 @@ def markdown_table(results: list[dict]) -> str:
     for result in results:
         s, per_turn = summary(result), summary(result)["per_turn"]
         lines.append(
-            f"| {result['name']} | {s['talk_overs']}/{s['turns']} | {s['half_answers']}/{s['turns']} | "
+            f"| {result['name'].replace(' | ', ', ')} | {s['talk_overs']}/{s['turns']} | {s['half_answers']}/{s['turns']} | "
             f"{s['garbled']}/{s['turns']} | "
             f"{common.fmt(s['v2v_p50'])} / {common.fmt(s['v2v_p95'])} ({s['complete']} turns) | "
             f"{common.fmt(per_turn['chat_calls'], 2)} | {common.fmt(per_turn['chat_prompt_tokens'])} / "
