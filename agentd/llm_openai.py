@@ -10,6 +10,14 @@ Usage::
         async for text in deltas:      # non-empty text pieces, in order
             ...
 
+With `tools` (OpenAI function definitions, see `agentd.tool_calls`), the same
+iterator also yields each completed tool call, after the text before it, as
+a `ToolCall` or a `BadToolCall` (unknown name, arguments that are not a JSON
+object): items are then `str | ToolCall | BadToolCall`. Calls are complete
+when the choice finishes (`finish_reason`) or at `[DONE]`. Without tools no
+call is ever yielded (a stray one from a confused server is dropped), so a
+text-only consumer needs no change.
+
 How it fails (always `UpstreamUnavailable`, so the call degrades, never hangs):
 
 * HTTP non-2xx: raised on entering `stream()`, with the status and a short
@@ -22,8 +30,9 @@ How it fails (always `UpstreamUnavailable`, so the call degrades, never hangs):
 * Any `httpx.HTTPError` (connect, TLS, protocol, httpx's own timeouts):
   translated here, once, `from exc`.
 * Our two timeouts, on Trio's clock (so `MockClock` drives them in tests):
-  - `first_token_timeout_s`: no non-empty text within this long of the request
-    start. Keep-alive comments and role-only chunks do not count.
+  - `first_token_timeout_s`: no non-empty text or tool-call fragment within
+    this long of the request start. Keep-alive comments and role-only chunks
+    do not count.
   - `timeout_s`: the total time this request may spend *waiting on the
     server* (connect, headers, every read). Time the caller spends between
     deltas (speaking a sentence, say) is not counted, so a slow consumer never
@@ -40,11 +49,12 @@ the response is closed on the way out.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 from collections.abc import AsyncIterator, Awaitable, Iterator, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager, aclosing, asynccontextmanager
 from dataclasses import dataclass
-from typing import Protocol, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import httpx
 import trio
@@ -53,8 +63,9 @@ from agentd.codecs.sse import DONE, SseDecoder, parse_chat_event
 from agentd.config import Config
 from agentd.errors import UpstreamUnavailable
 from agentd.metrics import count_tokens, count_upstream_error
+from agentd.tool_calls import BadToolCall, ToolCall, ToolCallAssembler, tool_names
 
-__all__ = ["ChatModel", "ChatSettings", "OpenAIChat", "build_messages"]
+__all__ = ["ChatItem", "ChatModel", "ChatSettings", "OpenAIChat", "build_messages"]
 
 _T = TypeVar("_T")
 
@@ -65,6 +76,10 @@ _EXCERPT_CHARS = 300  # how much of it goes into the message
 # it. Bounded so a misbehaving server cannot delay the end of the reply.
 _DRAIN_AFTER_DONE_S = 0.25
 _HISTORY_ROLES = frozenset({"user", "assistant"})
+_MESSAGE_ROLES = frozenset({"user", "assistant", "tool"})
+
+ChatItem = str | ToolCall | BadToolCall
+"""What a reply stream yields: text deltas, and completed tool calls when tools were offered."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -93,24 +108,37 @@ class ChatSettings:
 class ChatModel(Protocol):
     """The one-method seam for the language model."""
 
-    def stream(self, messages: Sequence[Mapping[str, str]]) -> AbstractAsyncContextManager[AsyncIterator[str]]:
-        """Start a reply to `messages`; the context yields its text deltas (non-empty, in order)."""
+    def stream(self, messages: Sequence[Mapping[str, Any]], tools: Sequence[Mapping[str, Any]] = (),
+               ) -> AbstractAsyncContextManager[AsyncIterator[ChatItem]]:
+        """Start a reply to `messages`; the context yields its text deltas (non-empty, in order)
+        and, when `tools` are offered, each completed tool call."""
         ...
 
 
-def build_messages(system_prompt: str, history: Sequence[tuple[str, str]], user_text: str) -> list[dict[str, str]]:
+def build_messages(system_prompt: str, history: Sequence[tuple[str, str] | Mapping[str, Any]],
+                   user_text: str | None) -> list[dict[str, Any]]:
     """The chat `messages` list: system prompt, then history in order, then the new user turn.
 
-    `history` items are `(role, content)` with role "user" or "assistant";
-    any other role is our own bug and raises ValueError. An empty system
-    prompt is left out.
+    `history` items are `(role, content)` with role "user" or "assistant", or
+    whole OpenAI messages (dicts) with role "user", "assistant" (possibly with
+    `tool_calls`) or "tool" (with `tool_call_id`), copied as they are. Any
+    other role is our own bug and raises ValueError. An empty system prompt is
+    left out; `user_text` None adds no user turn (asking again after a tool
+    result, which is already the last history item).
     """
-    messages = [{"role": "system", "content": system_prompt}] if system_prompt else []
-    for role, content in history:
+    messages: list[dict[str, Any]] = [{"role": "system", "content": system_prompt}] if system_prompt else []
+    for item in history:
+        if isinstance(item, Mapping):
+            if item.get("role") not in _MESSAGE_ROLES:
+                raise ValueError(f"history message role must be user, assistant or tool, got {item.get('role')!r}")
+            messages.append(dict(item))
+            continue
+        role, content = item
         if role not in _HISTORY_ROLES:
             raise ValueError(f"history role must be 'user' or 'assistant', got {role!r}")
         messages.append({"role": role, "content": content})
-    messages.append({"role": "user", "content": user_text})
+    if user_text is not None:
+        messages.append({"role": "user", "content": user_text})
     return messages
 
 
@@ -135,31 +163,35 @@ class OpenAIChat:
         return f"OpenAIChat(url={self._url!r}, model={self._settings.model!r})"
 
     @asynccontextmanager
-    async def stream(self, messages: Sequence[Mapping[str, str]]) -> AsyncIterator[AsyncIterator[str]]:
-        """POST the request; yield an iterator of text deltas; always close the response.
+    async def stream(self, messages: Sequence[Mapping[str, Any]], tools: Sequence[Mapping[str, Any]] = (),
+                     ) -> AsyncIterator[AsyncIterator[ChatItem]]:
+        """POST the request; yield an iterator of text deltas (and tool calls); always close the response.
 
         Raises UpstreamUnavailable on entry for transport errors, non-2xx
         statuses and timeouts before the headers; the iterator raises it for
         failures mid-stream (see the module docstring).
         """
         timer = _RequestTimer(self._settings)
-        request = self._client.build_request("POST", self._url, json=self._body(messages), headers=self._headers)
+        body = self._body(messages, tools)
+        request = self._client.build_request("POST", self._url, json=body, headers=self._headers)
         with _translate_http_errors("chat request failed"):
             response = await timer.wait(self._client.send(request, stream=True))
         try:
             await _raise_for_status(response, timer)
             async with aclosing(response.aiter_lines()) as lines:
-                yield _Deltas(lines, timer)
+                yield _Deltas(lines, timer, tool_names(tools) if tools else None)
         finally:
             await response.aclose()
 
-    def _body(self, messages: Sequence[Mapping[str, str]]) -> dict:
+    def _body(self, messages: Sequence[Mapping[str, Any]], tools: Sequence[Mapping[str, Any]]) -> dict:
         body: dict = {
             "model": self._settings.model,
             "messages": [dict(message) for message in messages],
             "stream": True,
             self._settings.max_tokens_param: self._settings.max_tokens,
         }
+        if tools:
+            body["tools"] = [dict(tool) for tool in tools]
         if self._settings.temperature is not None:
             body["temperature"] = self._settings.temperature
         if self._settings.stream_usage:
@@ -197,17 +229,21 @@ class _RequestTimer:
 
 
 class _Deltas:
-    """The iterator handed to the caller: text deltas until [DONE], or an error.
+    """The iterator handed to the caller: text deltas and tool calls until [DONE], or an error.
 
     Not an async generator on purpose: each `__anext__` wraps only its own
     awaits in deadlines, so no cancel scope ever spans a suspension in the
-    consumer's code.
+    consumer's code. `known_tools` None: no tools were offered, tool-call
+    fragments are dropped.
     """
 
-    def __init__(self, lines: AsyncIterator[str], timer: _RequestTimer) -> None:
+    def __init__(self, lines: AsyncIterator[str], timer: _RequestTimer, known_tools: frozenset[str] | None) -> None:
         self._lines = lines
         self._timer = timer
         self._decoder = SseDecoder()
+        self._calls = ToolCallAssembler(known_tools) if known_tools is not None else None
+        self._ready: collections.deque[ChatItem] = collections.deque()  # completed calls not yet handed out
+        self._saw_done = False
         self._finished = False
         # The server's token counts for this request, once its usage chunk has arrived (None before,
         # or when the server sends none).
@@ -216,17 +252,19 @@ class _Deltas:
     def __aiter__(self) -> "_Deltas":
         return self
 
-    async def __anext__(self) -> str:
+    async def __anext__(self) -> ChatItem:
         if self._finished:
             raise StopAsyncIteration
         try:
-            return await self._next_text()
+            return await self._next_item()
         except BaseException:
             self._finished = True  # after an error, cancellation or the end: stay ended
             raise
 
-    async def _next_text(self) -> str:
-        while True:
+    async def _next_item(self) -> ChatItem:
+        while not self._ready:
+            if self._saw_done:
+                raise StopAsyncIteration
             data = await self._next_event_data()
             try:
                 event = parse_chat_event(data)
@@ -235,13 +273,25 @@ class _Deltas:
                 raise
             if event is DONE:
                 await self._drain()
-                raise StopAsyncIteration
+                self._saw_done = True
+                self._complete_calls()
+                continue
             if event.usage is not None:
                 self.usage = event.usage
                 count_tokens(event.usage)
+            if self._calls is not None and event.tool_calls:
+                self._timer.got_first_token = True
+                self._calls.feed(event.tool_calls)
+            if event.finish_reason is not None:
+                self._complete_calls()
             if event.text:
                 self._timer.got_first_token = True
-                return event.text
+                return event.text  # calls completed by this same chunk follow it
+        return self._ready.popleft()
+
+    def _complete_calls(self) -> None:
+        if self._calls is not None:
+            self._ready.extend(self._calls.finish())
 
     async def _next_event_data(self) -> str:
         """The data of the next complete SSE event; end of body before [DONE] is an error."""

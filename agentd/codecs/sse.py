@@ -6,9 +6,15 @@ Two layers, both pure:
   "event stream interpretation" rules that matter here: `data:` fields
   accumulate (joined by "\\n"), a blank line dispatches, `:` starts a comment
   (servers send these as keep-alives), other fields are ignored.
-* `parse_chat_event` turns one event's data into a text delta, the `DONE`
-  sentinel, or an `LlmStreamError` for the in-band error some servers send
-  after an HTTP 200 (`data: {"error": {...}}`).
+* `parse_chat_event` turns one event's data into a text delta (plus any
+  tool-call fragments, `choices[0].delta.tool_calls`), the `DONE` sentinel,
+  or an `LlmStreamError` for the in-band error some servers send after an
+  HTTP 200 (`data: {"error": {...}}`).
+
+Tool-call fragments are reported as they come, one per entry of
+`delta.tool_calls`: the first fragment of a call carries its `index`, `id`
+and function `name`, later ones only the `index` and a piece of the
+`arguments` string. Putting the pieces together is `agentd.tool_calls`' job.
 
 A connection that drops before `[DONE]` is the transport's business: the
 caller notices that `DONE` never came.
@@ -85,15 +91,26 @@ DONE = _Done.DONE
 """The end-of-stream sentinel (`data: [DONE]`)."""
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ToolCallFragment:
+    """One entry of `delta.tool_calls`: a piece of the tool call number `index`."""
+
+    index: int
+    id: str | None = None  # only on a call's first fragment
+    name: str | None = None  # likewise
+    arguments: str = ""  # the next piece of the JSON arguments text
+
+
 @dataclass(frozen=True, slots=True)
 class ChatDelta:
-    """One streamed piece of the reply (positional use is fine: two obvious fields)."""
+    """One streamed piece of the reply (positional use is fine: obvious fields)."""
 
     text: str
     finish_reason: str | None = None
     # Token counts (prompt_tokens, completion_tokens, ...) from a chunk that reports them:
     # the last one, when the request asked for stream_options.include_usage.
     usage: dict[str, int] | None = None
+    tool_calls: tuple[ToolCallFragment, ...] = ()
 
 
 def _optional_str(value: Any) -> str | None:
@@ -140,11 +157,37 @@ def _usage(usage: Any) -> dict[str, int] | None:
     return {k: v for k, v in usage.items() if isinstance(v, int) and not isinstance(v, bool)} or None
 
 
+def _delta_tool_calls(choice: dict) -> tuple[ToolCallFragment, ...]:
+    delta = choice.get("delta")
+    calls = delta.get("tool_calls") if isinstance(delta, dict) else None
+    if calls is None:
+        return ()
+    if not isinstance(calls, list):
+        raise LlmStreamError(f"choices[0].delta.tool_calls: expected a list, got {str(calls)[:60]}")
+    return tuple(_tool_call_fragment(i, call) for i, call in enumerate(calls))
+
+
+def _tool_call_fragment(position: int, call: Any) -> ToolCallFragment:
+    where = f"choices[0].delta.tool_calls[{position}]"
+    if not isinstance(call, dict):
+        raise LlmStreamError(f"{where}: expected an object, got {str(call)[:60]}")
+    index = call.get("index", position)  # a few compatible servers leave it out when there is one call
+    function = call.get("function") or {}
+    if isinstance(index, bool) or not isinstance(index, int) or index < 0 or not isinstance(function, dict):
+        raise LlmStreamError(f"{where}: expected an index and a function object, got {str(call)[:60]}")
+    fields = {"id": call.get("id"), "name": function.get("name"), "arguments": function.get("arguments") or ""}
+    for name, value in fields.items():
+        if value is not None and not isinstance(value, str):
+            raise LlmStreamError(f"{where}.{name}: expected a string, got {str(value)[:60]}")
+    return ToolCallFragment(index=index, **fields)
+
+
 def parse_chat_event(data: str) -> ChatDelta | Literal[_Done.DONE]:
     """Interpret one SSE event's data from /chat/completions with stream=true.
 
     Returns DONE for `[DONE]`; otherwise the first choice's delta text ("" when
-    absent or null, and for chunks without choices) and its finish_reason.
+    absent or null, and for chunks without choices), its finish_reason and its
+    tool-call fragments.
     Raises LlmStreamError for an in-band `error` object and for data that is
     not a JSON object shaped like a chat chunk.
     """
@@ -161,4 +204,5 @@ def parse_chat_event(data: str) -> ChatDelta | Literal[_Done.DONE]:
     choice = _first_choice(chunk)
     if choice is None:
         return ChatDelta(text="", finish_reason=None, usage=_usage(chunk.get("usage")))
-    return ChatDelta(text=_delta_text(choice), finish_reason=_optional_str(choice.get("finish_reason")))
+    return ChatDelta(text=_delta_text(choice), finish_reason=_optional_str(choice.get("finish_reason")),
+                     tool_calls=_delta_tool_calls(choice))
