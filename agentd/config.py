@@ -36,9 +36,9 @@ from typing import Any
 from agentd.errors import ConfigError
 
 __all__ = [
-    "DEFAULT_CONFIG_PATH", "ENV_ALIASES", "ENV_PREFIX", "AudioConfig", "Business", "Config", "LlmConfig",
-    "OpsConfig", "Rule", "ServerConfig", "SttConfig", "TelemetryConfig", "TtsConfig", "TurnConfig", "VadConfig",
-    "config_summary", "config_tree", "load_config",
+    "DEFAULT_CONFIG_PATH", "ENV_ALIASES", "ENV_PREFIX", "RESERVED_TOOL_NAMES", "AudioConfig", "Business",
+    "BusinessTool", "Config", "LlmConfig", "OpsConfig", "Rule", "ServerConfig", "SttConfig", "TelemetryConfig",
+    "TtsConfig", "TurnConfig", "VadConfig", "config_summary", "config_tree", "load_config",
 ]
 
 DEFAULT_CONFIG_PATH = Path(__file__).resolve().parent.parent / "etc" / "agentd.toml"
@@ -75,6 +75,7 @@ class _Spec:
     pattern: str = ""       # full-match regex
     like: str = ""          # how to describe the pattern in an error
     allow_empty: bool = False
+    key_pattern: str = ""   # tables of strings: what each key must fullmatch
 
 
 _PLAIN = _Spec()
@@ -86,11 +87,28 @@ _ENDPOINT = _Spec(pattern=r"(?:[A-Za-z0-9](?:[A-Za-z0-9.-]*[A-Za-z0-9])?|\[[0-9A
                   like="host:port, e.g. eu-speech.googleapis.com:443")
 _LANGUAGE = _Spec(pattern=r"[a-z]{2,3}-[A-Z]{2}", like="xx-YY, e.g. he-IL")
 _NAME = _Spec(pattern=r"[A-Za-z0-9][A-Za-z0-9_.-]*", like="a name of letters, digits, _ . -")
+_E164 = r"\+[1-9]\d{6,14}"
+_URL_PATH = r"/[^\s?#]*"
+# Business tool URLs: https, or plain http to the loopback interface only (a tool served on
+# the same machine, and the tests); any other http:// would send call data in clear text.
+_TOOL_URL = _Spec(pattern=r"https://[^\s/?#]+(?:[/?][^\s#]*)?|http://(?:127\.0\.0\.1|localhost|\[::1\])"
+                          r"(?::\d{1,5})?(?:[/?][^\s#]*)?",
+                  like="https://host/path (http:// only to 127.0.0.1, localhost or [::1])")
+# OpenAI's rule for function names.
+_TOOL_NAME = _Spec(pattern=r"[A-Za-z0-9_-]{1,64}", like="1-64 letters, digits, _ or -")
+RESERVED_TOOL_NAMES = frozenset({"end_call", "transfer_call"})  # the agent's own tools
+_DTMF_ACTION = r"end_call|transfer_call:[A-Za-z0-9][A-Za-z0-9_.-]*"
 
 
 def _opt(default: Any, spec: _Spec = _PLAIN, **constraints: Any) -> Any:
     """A dataclass field with a default and its constraints (from `spec`, adjusted by keywords)."""
     return field(default=default, metadata={"spec": dataclasses.replace(spec, **constraints)})
+
+
+def _table(**constraints: Any) -> Any:
+    """A field holding a TOML table of strings (read-only; empty by default) and its constraints."""
+    return field(default_factory=lambda: types.MappingProxyType({}),
+                 metadata={"spec": _Spec(allow_empty=True, **constraints)})
 
 
 # --- the value object ---------------------------------------------------------------------------
@@ -101,7 +119,10 @@ class ServerConfig:
 
     host: str = "0.0.0.0"
     port: int = _opt(8080, lo=0, hi=65535)  # 0 = any free port (tests)
-    path: str = _opt("/media", pattern=r"/[^\s?#]*", like="/path")
+    path: str = _opt("/media", pattern=_URL_PATH, like="/path")
+    # Twilio's voice webhook (TwiML answer) and the <Connect action> it requests when the stream ends.
+    voice_path: str = _opt("/twilio/voice", pattern=_URL_PATH, like="/path")
+    after_path: str = _opt("/twilio/after", pattern=_URL_PATH, like="/path")
     max_message_bytes: int = _opt(65536, lo=1024)
     max_calls: int = _opt(100, lo=1)
     max_call_duration_s: float = _opt(3600.0, lo=1)
@@ -185,6 +206,9 @@ class TurnConfig:
     strong_punct_min_chars: int = _opt(12, lo=1)
     strong_bare_min_chars: int = _opt(18, lo=1)
     strong_bare_silence_s: float = _opt(0.5, _SECONDS)  # FSM wiring: issue 11, phase 2
+    dtmf_digit_timeout_ms: int = _opt(3000, _TIMEOUT_MS)
+    idle_reprompt_s: float = _opt(8.0, lo=1)
+    idle_max_reprompts: int = _opt(2, lo=0)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -252,10 +276,31 @@ class SpecConfig:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Rule:
-    """A canned reply for localcloud's `rules` LLM engine; agentd itself never reads rules."""
+    """A canned reply for localcloud's `rules` LLM engine; agentd itself never reads rules.
+
+    `tool` makes the reply (text first, if any) end with a call of that tool,
+    `arguments` its JSON text sent verbatim (bad JSON included, for the
+    tests); `after_tool` is the answer once the tool's result comes back,
+    `{result}` standing for the result's text.
+    """
 
     keywords: tuple[str, ...]
-    reply: str
+    reply: str = _opt("", allow_empty=True)
+    tool: str = _opt("", allow_empty=True)
+    arguments: str = _opt("{}", allow_empty=True)
+    after_tool: str = _opt("{result}", allow_empty=True)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class BusinessTool:
+    """[[businesses.NAME.tools]]: an HTTP endpoint the model may call; agentd POSTs the arguments as JSON."""
+
+    name: str = _opt(dataclasses.MISSING, _TOOL_NAME)
+    description: str
+    parameters: Mapping[str, Any] = field(
+        default_factory=lambda: types.MappingProxyType({"type": "object", "properties": {}}))
+    url: str = _opt(dataclasses.MISSING, _TOOL_URL)
+    timeout_ms: int = _opt(3000, _TIMEOUT_MS)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -273,6 +318,17 @@ class Business:
     log_transcripts: bool = False
     rules: tuple[Rule, ...] = ()
     fallback_reply: str = _opt("", allow_empty=True)
+    # Called numbers (E.164, the webhook's `To`) that reach this business.
+    numbers: tuple[str, ...] = _opt((), pattern=_E164, like="E.164, e.g. +15551234567", allow_empty=True)
+    # transfer_call targets: name -> E.164 number.
+    transfer: Mapping[str, str] = _table(key_pattern=_NAME.pattern, pattern=_E164,
+                                         like="name = \"+15551234567\" (E.164)")
+    tools: tuple[BusinessTool, ...] = ()
+    reprompt: str = _opt("", allow_empty=True)  # said to a silent caller; "" = never reprompt
+    handoff: str = _opt("", allow_empty=True)  # said before a transfer; "" = say nothing
+    # Single keypad digits the agent acts on at once: digit -> end_call | transfer_call:TARGET.
+    dtmf: Mapping[str, str] = _table(key_pattern=r"[0-9*]", pattern=_DTMF_ACTION,  # "#" ends an entry
+                                     like='"0" = "transfer_call:front_desk" or "end_call"')
 
 
 _SECTIONS: Mapping[str, type] = types.MappingProxyType({
@@ -302,6 +358,11 @@ class Config:
     def business(self, name: str | None) -> Business:
         """The business called `name`, or the default business when `name` is None or unknown."""
         return self.businesses.get(name or "", self.businesses[self.default_business])
+
+    def business_for_number(self, called: str | None) -> Business:
+        """The business whose `numbers` include `called` (the webhook's `To`), else the default."""
+        return next((b for b in self.businesses.values() if called and called in b.numbers),
+                    self.businesses[self.default_business])
 
     def llm_api_key(self, env: Mapping[str, str] | None = None) -> str | None:
         """The LLM API key from the variable named by llm.api_key_env (env None: os.environ).
@@ -343,15 +404,17 @@ class Config:
 
 @dataclass(frozen=True, slots=True)
 class _Key:
-    kind: str          # bool | int | float | str | strs | rules
+    kind: str          # bool | int | float | str | strs | rules | tools | table | object
     optional: bool     # None allowed (meaning: unset)
     spec: _Spec
     required: bool
 
 
 _KINDS = {bool: "bool", int: "int", float: "float", str: "str", tuple[str, ...]: "strs",
-          tuple[Rule, ...]: "rules"}
-_KIND_NAMES = {"bool": "bool", "int": "int", "float": "number", "str": "string", "strs": "list of strings"}
+          tuple[Rule, ...]: "rules", tuple[BusinessTool, ...]: "tools", Mapping[str, str]: "table",
+          Mapping[str, Any]: "object"}
+_KIND_NAMES = {"bool": "bool", "int": "int", "float": "number", "str": "string", "strs": "list of strings",
+               "table": "table of strings", "object": "table"}
 
 
 def _keys(cls: type, skip: tuple[str, ...] = ()) -> dict[str, _Key]:
@@ -371,7 +434,8 @@ _SECTION_KEYS = {name: _keys(cls) for name, cls in _SECTIONS.items()}
 _TOP_KEYS = {"default_business": _Key("str", False, _NAME, False)}
 _BUSINESS_KEYS = _keys(Business, skip=("name",))
 _RULE_KEYS = _keys(Rule)
-_KNOWN_NAMES = frozenset().union(*_SECTION_KEYS.values(), _TOP_KEYS, _BUSINESS_KEYS, _RULE_KEYS)
+_TOOL_KEYS = _keys(BusinessTool)
+_KNOWN_NAMES = frozenset().union(*_SECTION_KEYS.values(), _TOP_KEYS, _BUSINESS_KEYS, _RULE_KEYS, _TOOL_KEYS)
 
 
 def _describe(key: _Key) -> str:
@@ -399,13 +463,23 @@ def _type_ok(kind: str, value: Any) -> bool:
         return isinstance(value, int | float) and math.isfinite(value)
     if kind == "strs":
         return isinstance(value, list | tuple) and all(isinstance(item, str) and item for item in value)
+    if kind == "table":
+        return isinstance(value, Mapping) and all(isinstance(v, str) for v in value.values())
+    if kind == "object":
+        return isinstance(value, Mapping)
     return isinstance(value, {"bool": bool, "int": int, "str": str}[kind])
 
 
 def _in_spec(key: _Key, value: Any) -> bool:
     spec = key.spec
-    if key.kind in ("str", "strs") and len(value) == 0:
+    if key.kind in ("str", "strs", "table") and len(value) == 0:
         return spec.allow_empty
+    if key.kind == "strs" and spec.pattern:
+        return all(re.fullmatch(spec.pattern, item) for item in value)
+    if key.kind == "table":
+        return all(re.fullmatch(spec.key_pattern, k) and re.fullmatch(spec.pattern, v) for k, v in value.items())
+    if key.kind == "object":
+        return True
     return ((spec.lo is None or value >= spec.lo) and (spec.hi is None or value <= spec.hi)
             and (not spec.choices or value in spec.choices)
             and (not spec.pattern or re.fullmatch(spec.pattern, value) is not None))
@@ -435,12 +509,15 @@ class _Validator:
 
     def value(self, path: str, value: Any, key: _Key) -> Any:
         """Type-check and range-check one value; ints are accepted for floats, bools never for ints."""
-        if key.kind == "rules":
-            return self.rules(path, value)
+        if key.kind in ("rules", "tools"):
+            cls, keys = (Rule, _RULE_KEYS) if key.kind == "rules" else (BusinessTool, _TOOL_KEYS)
+            return self.array(path, value, cls, keys)
         if not (_type_ok(key.kind, value) and _in_spec(key, value)):
             raise self.fail(path, f"expected {_describe(key)}, got {value!r}")
         if key.kind == "float":
             return float(value)
+        if key.kind in ("table", "object"):
+            return types.MappingProxyType(dict(value))
         return tuple(value) if key.kind == "strs" else value
 
     def table(self, path: str, table: Any, keys: Mapping[str, _Key]) -> dict[str, Any] | None:
@@ -471,11 +548,12 @@ class _Validator:
                 complete = False
         return out if complete else None
 
-    def rules(self, path: str, value: Any) -> tuple[Rule, ...]:
+    def array(self, path: str, value: Any, cls: type, keys: Mapping[str, _Key]) -> tuple[Any, ...]:
+        """An array of tables ([[path]]), each validated into `cls`."""
         if not isinstance(value, list):
             raise self.fail(path, f"expected an array of tables ([[{path}]]), got {value!r}")
-        tables = [self.table(f"{path}[{i}]", item, _RULE_KEYS) for i, item in enumerate(value)]
-        return tuple(Rule(**t) for t in tables if t is not None)
+        tables = [self.table(f"{path}[{i}]", item, keys) for i, item in enumerate(value)]
+        return tuple(cls(**t) for t in tables if t is not None)
 
     def businesses(self, raw: Any, language: str) -> dict[str, Business]:
         if not isinstance(raw, dict) or not raw:
@@ -492,7 +570,40 @@ class _Validator:
             values = self.table(f"businesses.{name}", table, _BUSINESS_KEYS)
             if values is not None:
                 out[name] = Business(name=name, **values)
+                self.business_checks(out[name])
+        self.unique_numbers(out)
         return out
+
+    def business_checks(self, business: Business) -> None:
+        """What one business's keys must agree on: tool names, schemas, DTMF transfer targets."""
+        path = f"businesses.{business.name}"
+        for i, rule in enumerate(business.rules):
+            if not rule.reply and not rule.tool:
+                self.note(f"{path}.rules[{i}].reply", "missing (a rule needs a reply, a tool, or both)")
+        seen: set[str] = set()
+        for i, tool in enumerate(business.tools):
+            if tool.name in RESERVED_TOOL_NAMES or tool.name in seen:
+                why = "is the agent's own tool" if tool.name in RESERVED_TOOL_NAMES else "is declared twice"
+                self.note(f"{path}.tools[{i}].name", f"{tool.name!r} {why}")
+            seen.add(tool.name)
+            if tool.parameters.get("type") != "object" or not _is_json(tool.parameters):
+                self.note(f"{path}.tools[{i}].parameters", 'expected a JSON schema with type = "object" '
+                          "(strings, numbers, booleans, arrays and tables only)")
+        for digit, action in business.dtmf.items():
+            target = action.partition(":")[2]
+            if target and target not in business.transfer:
+                self.note(f"{path}.dtmf.{digit}", f"{target!r} is not in [{path}.transfer] "
+                          f"(have: {', '.join(sorted(business.transfer)) or 'none'})")
+
+    def unique_numbers(self, businesses: Mapping[str, Business]) -> None:
+        """A called number picks one business: the same number in two is a mistake."""
+        owner: dict[str, str] = {}
+        for business in businesses.values():
+            for number in business.numbers:
+                if number in owner:
+                    self.note(f"businesses.{business.name}.numbers",
+                              f"{number} is already a number of businesses.{owner[number]}")
+                owner[number] = business.name
 
     def cross_checks(self, sections: Mapping[str, Any]) -> None:
         """Constraints that involve two keys; the error names the one to change."""
@@ -540,6 +651,15 @@ def _build(raw: Mapping[str, Any], origins: Mapping[str, str], errors: tuple[str
     return Config(**sections, **top, businesses=types.MappingProxyType(businesses))
 
 
+def _is_json(value: Any) -> bool:
+    """Whether `value` (from TOML) is plain JSON: TOML's dates and times are not."""
+    if isinstance(value, Mapping):
+        return all(isinstance(k, str) and _is_json(v) for k, v in value.items())
+    if isinstance(value, list | tuple):
+        return all(_is_json(item) for item in value)
+    return value is None or isinstance(value, str | int | float | bool)
+
+
 def _reject_secrets(node: Any, path: str, errors: list[str]) -> None:
     """Note secret-looking keys anywhere in the tree (checked before 'unknown key' for a better hint)."""
     items = node.items() if isinstance(node, dict) else enumerate(node) if isinstance(node, list) else ()
@@ -550,7 +670,8 @@ def _reject_secrets(node: Any, path: str, errors: list[str]) -> None:
                 f"{here}: looks like a secret; secrets never go in the config file. Put them in the "
                 "environment (/etc/agentd/agentd.env: OPENAI_API_KEY, TWILIO_AUTH_TOKEN) or a credential "
                 "file (GOOGLE_APPLICATION_CREDENTIALS); llm.api_key_env names the LLM key's variable")
-        _reject_secrets(child, here, errors)
+        if name != "parameters":  # a tool's JSON schema names what the model sends ("pin"), not our secrets
+            _reject_secrets(child, here, errors)
 
 
 def _to_tree(value: Any) -> Any:
@@ -562,6 +683,8 @@ def _to_tree(value: Any) -> Any:
         skip = ("name",) if isinstance(value, Business) else ()  # a business's name is its table's name
         return {f.name: _to_tree(v) for f in dataclasses.fields(value)
                 if f.name not in skip and (v := getattr(value, f.name)) is not None}
+    if isinstance(value, Mapping):
+        return {k: _to_tree(v) for k, v in value.items()}
     return [_to_tree(item) for item in value] if isinstance(value, tuple) else value
 
 
