@@ -7,6 +7,15 @@ any of whose keywords occurs as a whole word (case-insensitive) in the LAST
 user message, else with its `fallback_reply`. No business matched ->
 `NO_BUSINESS_REPLY`. A reply streams as tokens = words with their trailing
 whitespace, so the tokens concatenate back to the reply exactly.
+
+Tool calls (`rules_answer`): when the request offers `tools`, a matching rule
+with a `tool` ends its answer (its `reply` text first, if any) with a call of
+that tool, its `arguments` text sent verbatim, whatever it holds (the tests
+use that for bad JSON and unknown targets). A request whose last message is a
+`tool` result is answered with text built from that result: the `after_tool`
+of the rule that made the call (`{result}` standing for the result's text),
+else the result itself. Without `tools` a tool rule answers with its text
+only, as a real model can call only the tools it was offered.
 """
 
 from __future__ import annotations
@@ -74,16 +83,47 @@ def validate_chat_request(body: Any) -> ChatRequestError | None:
     return None
 
 
-def rules_reply(messages: list[dict[str, Any]], businesses: Mapping[str, BusinessLike]) -> str:
-    """The `rules` engine's answer to a (valid) message list."""
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RulesAnswer:
+    """What the `rules` engine answers: text, then optionally one tool call."""
+
+    text: str
+    tool: str = ""  # "" = no tool call
+    arguments: str = "{}"  # the call's arguments text, verbatim
+
+
+def rules_answer(messages: list[dict[str, Any]], businesses: Mapping[str, BusinessLike], *,
+                 offers_tools: bool) -> RulesAnswer:
+    """The `rules` engine's answer to a (valid) message list, tool calls included (see the module doc)."""
     business = _business_for(messages, businesses)
     if business is None:
-        return NO_BUSINESS_REPLY
+        return RulesAnswer(text=NO_BUSINESS_REPLY)
+    if messages[-1].get("role") == "tool":
+        return RulesAnswer(text=_after_tool(messages, business))
     last_user = next((text_of(m.get("content")) for m in reversed(messages) if m.get("role") == "user"), "")
-    for rule in business.rules:
-        if any(has_word(last_user, keyword) for keyword in rule.keywords):
-            return rule.reply
-    return business.fallback_reply
+    rule = next((r for r in business.rules if any(has_word(last_user, k) for k in r.keywords)), None)
+    if rule is None:
+        return RulesAnswer(text=business.fallback_reply)
+    if rule.tool and offers_tools:
+        return RulesAnswer(text=rule.reply, tool=rule.tool, arguments=rule.arguments)
+    return RulesAnswer(text=rule.reply or business.fallback_reply)
+
+
+def _after_tool(messages: list[dict[str, Any]], business: BusinessLike) -> str:
+    """Text built from the last tool result, by the rule whose tool made the call."""
+    result = messages[-1]
+    content = text_of(result.get("content"))
+    name = _called_tool_name(messages, result.get("tool_call_id"))
+    rule = next((r for r in business.rules if r.tool and r.tool == name), None)
+    return (rule.after_tool if rule is not None else "{result}").replace("{result}", content)
+
+
+def _called_tool_name(messages: list[dict[str, Any]], call_id: Any) -> str:
+    for message in reversed(messages):
+        for call in message.get("tool_calls") or ():
+            if isinstance(call, dict) and call.get("id") == call_id:
+                return str((call.get("function") or {}).get("name", ""))
+    return ""
 
 
 def has_word(text: str, keyword: str) -> bool:
@@ -122,6 +162,18 @@ def new_completion_id() -> str:
     return "chatcmpl-" + uuid.uuid4().hex[:24]
 
 
+def new_tool_call_id() -> str:
+    return "call_" + uuid.uuid4().hex[:24]
+
+
+def tool_call_chunks(call_id: str, name: str, arguments: str, piece_chars: int) -> list[dict[str, Any]]:
+    """The `delta.tool_calls` entries OpenAI streams for one call: id and name first, then the
+    arguments text in pieces of `piece_chars`."""
+    head = {"index": 0, "id": call_id, "type": "function", "function": {"name": name, "arguments": ""}}
+    pieces = [arguments[i:i + piece_chars] for i in range(0, len(arguments), piece_chars)]
+    return [head, *({"index": 0, "function": {"arguments": piece}} for piece in pieces)]
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Completion:
     """Identity shared by every chunk of one answer."""
@@ -149,9 +201,12 @@ class Completion:
         """The final chunk sent when stream_options.include_usage is set."""
         return {**self.chunk({}), "choices": [], "usage": usage}
 
-    def whole(self, content: str, finish_reason: str, usage: dict[str, int]) -> dict[str, Any]:
+    def whole(self, content: str, finish_reason: str, usage: dict[str, int],
+              tool_calls: list[dict[str, Any]] | None = None) -> dict[str, Any]:
         """A non-streaming `chat.completion`."""
-        message = {"role": "assistant", "content": content, "refusal": None}
+        message = {"role": "assistant", "content": content or None if tool_calls else content, "refusal": None}
+        if tool_calls:
+            message["tool_calls"] = tool_calls
         return {
             "id": self.id,
             "object": "chat.completion",

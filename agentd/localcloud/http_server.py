@@ -15,6 +15,12 @@ chunk, then `data: [DONE]`. Injected faults break exactly one thing each:
 [DONE]), `llm_cut_after_tokens` (TCP close mid-body: an incomplete chunked
 message), `llm_stall_first_token` (headers and ping, then silence until the
 client hangs up).
+
+A tool call (see `chat.rules_answer`) follows the answer's words as OpenAI
+streams one: a chunk with the call's id and name, then its arguments in
+pieces of `TOOL_ARGUMENT_PIECE_CHARS` over several chunks, then
+`finish_reason: "tool_calls"`. The faults `llm_tool_name` and
+`llm_tool_arguments` replace the name or the arguments of every call.
 """
 
 from __future__ import annotations
@@ -31,8 +37,10 @@ from agentd.localcloud.chat import (
     ChatRequestError,
     Completion,
     error_body,
-    rules_reply,
+    new_tool_call_id,
+    rules_answer,
     status_error,
+    tool_call_chunks,
     token_limit,
     tokens,
     usage_of,
@@ -41,6 +49,7 @@ from agentd.localcloud.chat import (
 from agentd.localcloud.settings import CloudState, LocalCloudSettings
 
 READ_BYTES = 65536
+TOOL_ARGUMENT_PIECE_CHARS = 6  # small, so even short arguments take several chunks
 _JSON = [("content-type", "application/json")]
 _SSE = [("content-type", "text/event-stream; charset=utf-8"), ("cache-control", "no-cache")]
 
@@ -166,11 +175,14 @@ class OpenAiHttpServer:
             await http.send_json(refusal.status, refusal.body)
             return True
         self._state.count("chat_prompt_tokens", usage_of(body["messages"], 0)["prompt_tokens"])
-        words = tokens(rules_reply(body["messages"], settings.businesses))
+        reply = rules_answer(body["messages"], settings.businesses, offers_tools=bool(body.get("tools")))
+        words = tokens(reply.text)
         limit = token_limit(body)
         finish = "length" if limit is not None and len(words) > limit else "stop"
         words = words[:limit] if limit is not None else words
-        answer = _Answer(Completion.start(str(body["model"])), words, finish, body, settings, self._state)
+        tool_call = _tool_call(reply.tool, reply.arguments, settings) if finish == "stop" and reply.tool else None
+        answer = _Answer(Completion.start(str(body["model"])), words, "tool_calls" if tool_call else finish,
+                         body, settings, self._state, tool_call)
         self._state.count("active_chats")
         try:
             if body.get("stream"):
@@ -184,10 +196,11 @@ class _Answer:
     """One chat answer being delivered, whole or as a stream, with its faults."""
 
     def __init__(self, completion: Completion, words: list[str], finish: str, body: dict[str, Any],
-                 settings: LocalCloudSettings, state: CloudState) -> None:
+                 settings: LocalCloudSettings, state: CloudState, tool_call: list[dict[str, Any]] | None) -> None:
         self._state = state
         self._completion = completion
         self._words = words
+        self._tool_call = tool_call  # the call's delta.tool_calls entries, in streaming order
         self._finish = finish
         self._body = body
         self._settings = settings
@@ -205,7 +218,8 @@ class _Answer:
             return True
         await asyncio.sleep(self._first_token_delay_s() + self._token_gap_s() * max(0, len(self._words) - 1))
         usage = usage_of(self._body["messages"], len(self._words))
-        await http.send_json(200, self._completion.whole("".join(self._words), self._finish, usage))
+        calls = [_whole_call(self._tool_call)] if self._tool_call else None
+        await http.send_json(200, self._completion.whole("".join(self._words), self._finish, usage, calls))
         self._state.count("chat_tokens_sent", len(self._words))
         return True
 
@@ -232,6 +246,9 @@ class _Answer:
             return False
         if self._faults.llm_inband_error:  # an empty reply: the error is all there is
             return await self._inband_error(http)
+        for entry in self._tool_call or ():
+            await asyncio.sleep(self._token_gap_s())
+            await http.send_event(self._completion.chunk({"tool_calls": [entry]}))
         await self._finish_stream(http)
         return True
 
@@ -254,6 +271,21 @@ class _Answer:
     def _token_gap_s(self) -> float:
         rate = self._settings.llm_tokens_per_s
         return 1 / rate if rate > 0 else 0.0
+
+
+def _tool_call(name: str, arguments: str, settings: LocalCloudSettings) -> list[dict[str, Any]]:
+    """The streamed entries of the rules' tool call, after the name and arguments faults."""
+    faults = settings.faults
+    return tool_call_chunks(new_tool_call_id(), faults.llm_tool_name or name,
+                            faults.llm_tool_arguments or arguments, TOOL_ARGUMENT_PIECE_CHARS)
+
+
+def _whole_call(entries: list[dict[str, Any]]) -> dict[str, Any]:
+    """The streamed entries of one call put together, as a non-streaming message carries it."""
+    head = entries[0]
+    arguments = "".join(entry["function"]["arguments"] for entry in entries)
+    return {"id": head["id"], "type": "function", "function": {"name": head["function"]["name"],
+                                                               "arguments": arguments}}
 
 
 def _reason(status: int) -> bytes:

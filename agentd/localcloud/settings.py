@@ -25,6 +25,9 @@ class RuleLike(Protocol):
 
     keywords: tuple[str, ...]
     reply: str
+    tool: str
+    arguments: str
+    after_tool: str
 
 
 class BusinessLike(Protocol):
@@ -47,6 +50,8 @@ class Faults:
     llm_inband_error: bool = False  # HTTP 200, then `data: {"error": ...}` after the first token
     llm_cut_after_tokens: int = -1  # >=0: drop the connection after N tokens, no [DONE]
     llm_stall_first_token: bool = False  # send headers and ": ping", then never a token
+    llm_tool_name: str = ""  # non-empty: every tool call the rules make names this tool instead
+    llm_tool_arguments: str = ""  # non-empty: every tool call the rules make carries this arguments text
     tts_error: bool = False  # TTS calls fail with INTERNAL
     tts_empty_audio: bool = False  # SynthesizeSpeech returns empty audio_content
     tts_bad_riff: bool = False  # SynthesizeSpeech returns a malformed RIFF container
