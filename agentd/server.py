@@ -298,7 +298,8 @@ async def _warm_cache(services: Services) -> bool:
     phrases = []
     for business in services.config.businesses.values():
         voice = services.voice(business)
-        texts = [business.greeting, business.apology, business.goodbye, *business.fillers]
+        texts = [business.greeting, business.apology, business.goodbye, business.reprompt, business.handoff,
+                 *business.fillers]
         phrases += [(voice, text) for text in texts if text.strip()]
     cached = 0
     with trio.move_on_after(_WARM_TIMEOUT_S):

@@ -53,7 +53,8 @@ def test_phone_keys_are_read_from_the_file(phone):
     assert isinstance(tool, BusinessTool)
     assert (tool.name, tool.url, tool.timeout_ms) == ("next_free_slot", "https://clinic.example/api/slots", 2500)
     assert tool.parameters["required"] == ["service"]
-    assert (phone.turn.idle_reprompt_s, phone.turn.idle_max_reprompts, phone.turn.dtmf_digit_timeout_ms) == (5.0, 2, 3000)
+    turn = phone.turn
+    assert (turn.idle_reprompt_s, turn.idle_max_reprompts, turn.dtmf_digit_timeout_ms) == (5.0, 2, 3000)
     assert (phone.server.voice_path, phone.server.after_path) == ("/hooks/voice", "/twilio/after")
 
 
@@ -106,7 +107,8 @@ def test_a_rule_may_be_a_tool_call_alone(phone):
     ({"businesses.clinic.numbers": ["5551230000"]}, "businesses.clinic.numbers: expected list of strings like E.164"),
     ({"businesses.default.numbers": ["+15551230000"]},
      "businesses.clinic.numbers: +15551230000 is already a number of businesses.default"),
-    ({"businesses.clinic.transfer": {"front_desk": "555-0100"}}, "businesses.clinic.transfer: expected table of strings"),
+    ({"businesses.clinic.transfer": {"front_desk": "555-0100"}},
+     "businesses.clinic.transfer: expected table of strings"),
     ({"businesses.clinic.transfer": {"front desk": "+15551230001"}}, "businesses.clinic.transfer: expected table"),
     ({"businesses.clinic.dtmf": {"12": "end_call"}}, "businesses.clinic.dtmf: expected table of strings"),
     ({"businesses.clinic.dtmf": {"1": "hang_up"}}, "businesses.clinic.dtmf: expected table of strings"),
@@ -117,7 +119,8 @@ def test_a_rule_may_be_a_tool_call_alone(phone):
     ({"businesses.clinic.tools": [_tool(name="end_call")]},
      "businesses.clinic.tools[0].name: 'end_call' is the agent's own tool"),
     ({"businesses.clinic.tools": [_tool(), _tool()]}, "businesses.clinic.tools[1].name: 'lookup' is declared twice"),
-    ({"businesses.clinic.tools": [_tool(name="look up")]}, "businesses.clinic.tools[0].name: expected string like 1-64"),
+    ({"businesses.clinic.tools": [_tool(name="look up")]},
+     "businesses.clinic.tools[0].name: expected string like 1-64"),
     ({"businesses.clinic.tools": [_tool(parameters={"type": "string"})]},
      'businesses.clinic.tools[0].parameters: expected a JSON schema with type = "object"'),
     ({"businesses.clinic.tools": [_tool(timeout_ms=0)]}, "businesses.clinic.tools[0].timeout_ms: expected int ≥ 1"),

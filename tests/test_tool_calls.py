@@ -83,8 +83,10 @@ def test_arguments_split_across_fragments_are_joined_and_parsed():
 
 def test_several_calls_interleaved_by_index_come_out_in_index_order():
     calls = feed_all(ToolCallAssembler(tool_names(TOOLS)),
-                     ToolCallFragment(index=1, id="b", name="end_call"), ToolCallFragment(index=0, id="a", name="transfer_call"),
-                     ToolCallFragment(index=0, arguments='{"to":"front_desk"}'), ToolCallFragment(index=1, arguments="{}"))
+                     ToolCallFragment(index=1, id="b", name="end_call"),
+                     ToolCallFragment(index=0, id="a", name="transfer_call"),
+                     ToolCallFragment(index=0, arguments='{"to":"front_desk"}'),
+                     ToolCallFragment(index=1, arguments="{}"))
     assert [(c.id, c.name) for c in calls] == [("a", "transfer_call"), ("b", "end_call")]
 
 
@@ -126,7 +128,8 @@ def test_tool_calls_and_results_are_openai_messages_that_history_carries():
     result = tool_result_message("call_1", '{"ok": true}')
     assert result == {"role": "tool", "tool_call_id": "call_1", "content": '{"ok": true}'}
     messages = build_messages("Be brief.", [("user", "Hi"), assistant, result], None)
-    assert messages == [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}, assistant, result]
+    system, user = {"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}
+    assert messages == [system, user, assistant, result]
 
 
 def test_history_refuses_a_message_with_an_unexpected_role():
