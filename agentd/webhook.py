@@ -27,8 +27,9 @@ whenever an auth token is configured (with ``server.public_url`` set,
 agentd does not start without one) and refuses with 403 otherwise, exactly
 as on the upgrade.
 
-Nothing here does I/O: the front door parses the HTTP request and hands the
-handler the headers and body; the handler returns an `HttpAnswer`.
+Nothing here does I/O: the front door reads the request (`agentd.http1`) and
+`Webhook.routes()` gives it the two `(method, path)` handlers; each answers
+from the request alone, synchronously (`voice`, `after`).
 """
 
 from __future__ import annotations
@@ -37,15 +38,16 @@ import hmac
 import logging
 import urllib.parse
 from collections import OrderedDict
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
 from agentd import twiml
 from agentd.config import Config
 from agentd.errors import CallProtocolError
+from agentd.http1 import Handler, Request, Response, Routes
 from agentd.security import SIGNATURE_HEADER, make_call_token, twilio_signature
 
-__all__ = ["CallOutcomes", "HttpAnswer", "Webhook", "WebhookError", "parse_form", "post_signature",
+__all__ = ["CallOutcomes", "Webhook", "WebhookError", "WebhookUrls", "parse_form", "post_signature",
            "webhook_urls"]
 
 log = logging.getLogger(__name__)
@@ -56,15 +58,6 @@ DEFAULT_REMEMBERED_OUTCOMES = 10_000
 
 class WebhookError(CallProtocolError):
     """The webhook request is malformed (not a form, too large); answered with 400."""
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class HttpAnswer:
-    """What the front door sends back: status, content type, body."""
-
-    status: int
-    content_type: str
-    body: bytes
 
 
 def parse_form(body: bytes) -> tuple[tuple[str, str], ...]:
@@ -144,13 +137,18 @@ class Webhook:
         return cls(config, auth_token=config.twilio_auth_token(env), outcomes=outcomes,
                    call_token_secret=config.call_token_secret(env) if config.server.call_token_param else None)
 
-    def voice(self, headers: Sequence[tuple[bytes, bytes]], body: bytes) -> HttpAnswer:
+    def routes(self) -> Routes:
+        """The front door's route table entries: POST server.voice_path and server.after_path."""
+        server = self._config.server
+        return {("POST", server.voice_path): _handler(self.voice), ("POST", server.after_path): _handler(self.after)}
+
+    def voice(self, request: Request) -> Response:
         """POST server.voice_path: the TwiML connecting the call to the media socket."""
         if self._urls is None:
             log.error("voice webhook called but server.public_url is not set: no stream URL to answer")
             return _text(503, "server.public_url is not set\n")
-        checked = self._checked_form(self._urls.voice, headers, body)
-        if isinstance(checked, HttpAnswer):
+        checked = self._checked_form(self._urls.voice, request)
+        if isinstance(checked, Response):
             return checked
         form = dict(checked)
         business = self._config.business_for_number(form.get("To"))
@@ -162,40 +160,46 @@ class Webhook:
                  business.name)
         return _xml(twiml.connect_stream(self._config.server.public_url, self._urls.after, parameters))
 
-    def after(self, headers: Sequence[tuple[bytes, bytes]], body: bytes) -> HttpAnswer:
+    def after(self, request: Request) -> Response:
         """POST server.after_path: `<Dial>` the number the agent transferred to, else `<Hangup/>`."""
         if self._urls is None:
             return _text(503, "server.public_url is not set\n")
-        checked = self._checked_form(self._urls.after, headers, body)
-        if isinstance(checked, HttpAnswer):
+        checked = self._checked_form(self._urls.after, request)
+        if isinstance(checked, Response):
             return checked
         call_sid = dict(checked).get("CallSid", "")
         number = self.outcomes.take(call_sid)
         log.info("call=%s after the stream: %s", call_sid or "?", f"transfer to {number}" if number else "hang up")
         return _xml(twiml.dial(number) if number else twiml.hangup())
 
-    def _checked_form(self, url: str, headers: Sequence[tuple[bytes, bytes]],
-                      body: bytes) -> tuple[tuple[str, str], ...] | HttpAnswer:
+    def _checked_form(self, url: str, request: Request) -> tuple[tuple[str, str], ...] | Response:
         """The form, if it parses and (with an auth token) carries a valid signature; else the refusal."""
         try:
-            pairs = parse_form(body)
+            pairs = parse_form(request.body)
         except WebhookError as exc:
             log.warning("webhook %s: %s", url, exc)
             return _text(400, "bad form\n")
-        if self._auth_token is not None and not self._signed(url, headers, pairs):
+        if self._auth_token is not None and not self._signed(url, request, pairs):
             log.warning("webhook %s: %s missing or wrong; refused", url, SIGNATURE_HEADER)
             return _text(403, "forbidden\n")
         return pairs
 
-    def _signed(self, url: str, headers: Sequence[tuple[bytes, bytes]], pairs: Iterable[tuple[str, str]]) -> bool:
-        values = [value for name, value in headers if name.lower() == SIGNATURE_HEADER.encode()]
-        expected = post_signature(self._auth_token or "", url, pairs).encode("ascii")
-        return len(values) == 1 and hmac.compare_digest(values[0].strip(), expected)
+    def _signed(self, url: str, request: Request, pairs: Iterable[tuple[str, str]]) -> bool:
+        given = request.header(SIGNATURE_HEADER)  # None unless sent exactly once
+        expected = post_signature(self._auth_token or "", url, pairs)
+        return given is not None and given.isascii() and hmac.compare_digest(given.strip(), expected)
 
 
-def _xml(document: str) -> HttpAnswer:
-    return HttpAnswer(status=200, content_type=twiml.CONTENT_TYPE, body=document.encode("utf-8"))
+def _handler(answer: Callable[[Request], Response]) -> Handler:
+    """A synchronous answer as the front door's (async) handler."""
+    async def handle(request: Request) -> Response:
+        return answer(request)
+    return handle
 
 
-def _text(status: int, text: str) -> HttpAnswer:
-    return HttpAnswer(status=status, content_type="text/plain; charset=utf-8", body=text.encode("utf-8"))
+def _xml(document: str) -> Response:
+    return Response(status=200, body=document.encode("utf-8"), headers=(("content-type", twiml.CONTENT_TYPE),))
+
+
+def _text(status: int, text: str) -> Response:
+    return Response(status=status, body=text.encode("utf-8"))

@@ -5,10 +5,13 @@ from __future__ import annotations
 import urllib.parse
 import xml.etree.ElementTree as ET
 
+import httpx
 import pytest
+import trio
 
 from agentd import twiml
 from agentd.config import load_config
+from agentd.http1 import Request, read_request, route, write_response
 from agentd.security import make_call_token
 from agentd.webhook import CallOutcomes, Webhook, WebhookError, parse_form, post_signature, webhook_urls
 
@@ -37,13 +40,18 @@ def form(**fields) -> tuple[bytes, list[tuple[str, str]]]:
     return urllib.parse.urlencode(pairs).encode(), pairs
 
 
-def signed(url: str, pairs, token: str = AUTH_TOKEN) -> list[tuple[bytes, bytes]]:
-    return [(b"Content-Type", b"application/x-www-form-urlencoded"),
-            (b"X-Twilio-Signature", post_signature(token, url, pairs).encode())]
+def signed(url: str, pairs, token: str = AUTH_TOKEN) -> list[tuple[str, str]]:
+    return [("content-type", "application/x-www-form-urlencoded"),
+            ("x-twilio-signature", post_signature(token, url, pairs))]
+
+
+def post(headers, body: bytes, path: str = "/twilio/voice") -> Request:
+    """A POST as the front door (agentd.http1) hands it to a handler."""
+    return Request(method="POST", path=path, query="", headers=tuple(headers), body=body, raw=b"")
 
 
 def parsed(answer) -> ET.Element:
-    assert (answer.status, answer.content_type) == (200, "text/xml; charset=utf-8")
+    assert (answer.status, dict(answer.headers)["content-type"]) == (200, "text/xml; charset=utf-8")
     assert answer.body.startswith(b'<?xml version="1.0" encoding="UTF-8"?>')
     return ET.fromstring(answer.body)
 
@@ -109,7 +117,7 @@ def test_urls_come_from_the_public_url(config):
 
 def test_a_signed_call_to_a_business_number_connects_to_that_business_with_a_call_token(hook):
     body, pairs = form(To="+15551230000")
-    doc = parsed(hook.voice(signed(VOICE_URL, pairs), body))
+    doc = parsed(hook.voice(post(signed(VOICE_URL, pairs), body)))
     connect = doc.find("Connect")
     assert connect.get("action") == AFTER_URL and connect.get("method") == "POST"
     assert connect.find("Stream").get("url") == PUBLIC
@@ -119,7 +127,7 @@ def test_a_signed_call_to_a_business_number_connects_to_that_business_with_a_cal
 
 def test_a_call_to_any_other_number_gets_the_default_business(hook):
     body, pairs = form(To="+15550000000")
-    doc = parsed(hook.voice(signed(VOICE_URL, pairs), body))
+    doc = parsed(hook.voice(post(signed(VOICE_URL, pairs), body)))
     assert doc.find("Connect/Stream/Parameter").get("value") == "default"
 
 
@@ -137,26 +145,26 @@ def test_a_forged_or_missing_signature_is_refused_with_403(hook, headers):
         headers = signed(AFTER_URL, pairs)
     elif headers == "twice":
         headers = signed(VOICE_URL, pairs) * 2
-    answer = hook.voice(headers, body)
+    answer = hook.voice(post(headers, body))
     assert answer.status == 403 and b"Response" not in answer.body
 
 
 def test_a_tampered_form_fails_the_signature(hook):
     body, pairs = form(To="+15551230000")
     tampered, _ = form(To="+15550000000")
-    assert hook.voice(signed(VOICE_URL, pairs), tampered).status == 403
+    assert hook.voice(post(signed(VOICE_URL, pairs), tampered)).status == 403
 
 
 def test_without_an_auth_token_no_signature_is_needed(config):
     hook = Webhook.from_config(config, CallOutcomes(), env={"AGENTD_CALL_TOKEN_SECRET": SECRET})
     body, _ = form(To="+15551230000")
-    assert parsed(hook.voice([], body)).find("Connect") is not None
+    assert parsed(hook.voice(post([], body))).find("Connect") is not None
 
 
 def test_a_malformed_form_is_400_and_no_public_url_is_503(hook, config):
-    assert hook.voice([], b"\xff").status == 400
+    assert hook.voice(post([], b"\xff")).status == 400
     unset = Webhook.from_config(config.with_overrides(**{"server.public_url": ""}), CallOutcomes(), env={})
-    assert unset.voice([], form()[0]).status == 503
+    assert unset.voice(post([], form()[0])).status == 503
 
 
 # --- after the stream ---------------------------------------------------------------------------
@@ -164,16 +172,16 @@ def test_a_malformed_form_is_400_and_no_public_url_is_503(hook, config):
 def test_after_a_transfer_the_answer_dials_the_number_once(hook):
     hook.outcomes.record_transfer("CA42", "+15555550100")
     body, pairs = form(CallStatus="in-progress")
-    doc = parsed(hook.after(signed(AFTER_URL, pairs), body))
+    doc = parsed(hook.after(post(signed(AFTER_URL, pairs), body)))
     assert doc.find("Dial").text == "+15555550100"
-    again = parsed(hook.after(signed(AFTER_URL, pairs), body))
+    again = parsed(hook.after(post(signed(AFTER_URL, pairs), body)))
     assert again.find("Hangup") is not None
 
 
 def test_after_any_other_ending_the_answer_hangs_up(hook):
     body, pairs = form()
-    assert parsed(hook.after(signed(AFTER_URL, pairs), body)).find("Hangup") is not None
-    assert hook.after([], body).status == 403
+    assert parsed(hook.after(post(signed(AFTER_URL, pairs), body))).find("Hangup") is not None
+    assert hook.after(post([], body)).status == 403
 
 
 def test_outcomes_are_bounded_oldest_first():
@@ -181,3 +189,31 @@ def test_outcomes_are_bounded_oldest_first():
     for sid in ("CA1", "CA2", "CA3"):
         outcomes.record_transfer(sid, "+15555550100")
     assert outcomes.take("CA1") is None and outcomes.take("CA3") == "+15555550100"
+
+
+# --- over a real socket, through the front door's HTTP piece -----------------------------------
+
+async def serve_routes(nursery, routes) -> int:
+    """agentd.http1 on 127.0.0.1, one request per connection answered from `routes`; returns the port."""
+    async def connection(stream):
+        await write_response(stream, await route(routes, await read_request(stream)))
+
+    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+    nursery.start_soon(trio.serve_listeners, connection, listeners)
+    return listeners[0].socket.getsockname()[1]
+
+
+async def test_twilio_posts_to_both_routes_over_a_socket(nursery, hook):
+    port = await serve_routes(nursery, hook.routes())
+    body, pairs = form(To="+15551230000")
+    hook.outcomes.record_transfer("CA42", "+15555550100")
+    with trio.fail_after(10):
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as client:
+            voice = await client.post("/twilio/voice", content=body, headers=signed(VOICE_URL, pairs))
+            after = await client.post("/twilio/after", content=body, headers=signed(AFTER_URL, pairs))
+            forged = await client.post("/twilio/after", content=body, headers=signed(VOICE_URL, pairs))
+            wrong_method = await client.get("/twilio/voice")
+    assert voice.status_code == 200 and voice.headers["content-type"] == "text/xml; charset=utf-8"
+    assert ET.fromstring(voice.content).find("Connect/Stream").get("url") == PUBLIC
+    assert ET.fromstring(after.content).find("Dial").text == "+15555550100"
+    assert forged.status_code == 403 and wrong_method.status_code == 405
