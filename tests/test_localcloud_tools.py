@@ -114,3 +114,13 @@ async def test_an_error_result_is_answered_too_so_the_caller_never_meets_silence
     call = ToolCall(id="call_8", name="transfer_call", arguments={}, arguments_json="{}")
     history = [assistant_tool_calls_message("", [call]), tool_result_message("call_8", error_result("no target"))]
     assert "".join(await ask(cloud, acme, history, None)) == '{"error": "no target"}'
+
+
+def test_a_non_streamed_answer_carries_the_whole_call(cloud, acme):
+    body = {"model": "m", "stream": False, "tools": tools_for(acme),
+            "messages": build_messages(acme.system_prompt, [], "a person please")}
+    with httpx.Client(base_url=cloud.http_base_url) as client:
+        choice = client.post("/chat/completions", json=body).json()["choices"][0]
+    assert choice["finish_reason"] == "tool_calls" and choice["message"]["content"] == "Of course."
+    [call] = choice["message"]["tool_calls"]
+    assert call["function"] == {"name": "transfer_call", "arguments": '{"to": "front_desk"}'}
