@@ -98,6 +98,14 @@ def test_tool_urls_must_be_https_except_to_loopback(phone, url):
     assert config.business("clinic").tools[0].url == url
 
 
+def test_a_tool_schema_may_name_secret_looking_properties(phone):
+    schema = {"type": "object", "properties": {"booking_token": {"type": "string"}}}
+    config = phone.with_overrides(**{"businesses.clinic.tools": [_tool(parameters=schema)]})
+    assert "booking_token" in config.business("clinic").tools[0].parameters["properties"]
+    with pytest.raises(ConfigError, match="looks like a secret"):
+        phone.with_overrides(**{"businesses.clinic.tools": [_tool(api_token="x")]})
+
+
 def test_a_rule_may_be_a_tool_call_alone(phone):
     config = phone.with_overrides(**{"businesses.clinic.rules": [{"keywords": ["bye"], "tool": "end_call"}]})
     assert config.business("clinic").rules[0].reply == ""
