@@ -1,5 +1,7 @@
 """agentd.config: the phone-conversation keys (numbers, transfer, dtmf, tools, reprompt, handoff, idle, webhook)."""
 
+import datetime
+
 import pytest
 
 from agentd.config import BusinessTool, load_config
@@ -131,6 +133,9 @@ def test_a_rule_may_be_a_tool_call_alone(phone):
      "businesses.clinic.tools[0].name: expected string like 1-64"),
     ({"businesses.clinic.tools": [_tool(parameters={"type": "string"})]},
      'businesses.clinic.tools[0].parameters: expected a JSON schema with type = "object"'),
+    ({"businesses.clinic.tools": [_tool(parameters={"type": "object", "default": datetime.date(2026, 1, 1)})]},
+     'businesses.clinic.tools[0].parameters: expected a JSON schema with type = "object"'),
+    ({"businesses.clinic.dtmf": {"#": "end_call"}}, "businesses.clinic.dtmf: expected table of strings"),
     ({"businesses.clinic.tools": [_tool(timeout_ms=0)]}, "businesses.clinic.tools[0].timeout_ms: expected int ≥ 1"),
     ({"businesses.clinic.tools": [{"name": "x", "url": "https://a.example/"}]},
      "businesses.clinic.tools[0].description: missing"),
