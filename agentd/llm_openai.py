@@ -15,9 +15,9 @@ iterator also yields each completed tool call, after the text before it, as
 a `ToolCall` or a `BadToolCall` (unknown name, arguments that are not a JSON
 object): items are then `str | ToolCall | BadToolCall`. Calls are complete
 when the choice finishes (`finish_reason`) or at `[DONE]`; a stream cut or
-failing before then yields no half-assembled call, only the error. Without tools no
-call is ever yielded (a stray one from a confused server is dropped), so a
-text-only consumer needs no change.
+failing before then yields no half-assembled call, only the error. Without
+tools no call is ever yielded (a stray one from a confused server is
+dropped), so a text-only consumer needs no change.
 
 How it fails (always `UpstreamUnavailable`, so the call degrades, never hangs):
 
