@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import httpx
 import pytest
 
+from agentd.business_tools import BusinessTools
 from agentd.caller_audio import synthesize_caller_turns
 from agentd.config import load_config
 from agentd.demo import demo_config
 from agentd.localcloud import LocalCloud, settings_from_config
 from agentd.softphone_script import CallerTurn
+from tests.tool_server import ToolServer
 
 HOURS_LINE = "what time do you open tomorrow"
 BYE_LINE = "thanks goodbye"
@@ -52,3 +55,18 @@ def cloud_process(tmp_path):
     delays = Delays(stt_final_ms=100, llm_ttft_ms=100, tts_ttfb_ms=50)
     with LocalCloudProcess([HOURS_LINE, BYE_LINE], delays, log_path=tmp_path / "localcloud.log") as lc:
         yield lc
+
+
+@pytest.fixture
+async def tool_server(nursery) -> ToolServer:
+    """A business-tool HTTP server on 127.0.0.1 (tests/tool_server.py), in the test's Trio loop."""
+    srv = ToolServer()
+    await nursery.start(srv.serve)
+    return srv
+
+
+@pytest.fixture
+async def business_tools():
+    """Business tools over a fresh pooled httpx client."""
+    async with httpx.AsyncClient() as client:
+        yield BusinessTools(client)
