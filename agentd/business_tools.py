@@ -1,10 +1,13 @@
 """Business tools: POST the model's arguments to the business's endpoint, bring back its answer.
 
 `BusinessTools.run(tool, arguments)` POSTs `arguments` as a JSON object to
-`tool.url` with the process's one pooled `httpx.AsyncClient` (the same one the
-LLM uses: a tool call opens no new TLS session when a connection is idle, and
-one call's tool traffic waits on its own request only, never on another
-call's). It never raises for the tool's failures: every outcome is a value.
+`tool.url` with a pooled `httpx.AsyncClient` shared by every call (a tool call
+opens no new TLS session when a connection to its host is idle). One call's
+tool traffic waits on its own request only, never on another call's, as long
+as the pool never runs out: give the tools a client of their own, or a pool
+sized for the LLM streams plus the tool requests, because a bounded pool that
+slow tools fill up would make every other request wait for a connection. It
+never raises for the tool's failures: every outcome is a value.
 
 * `ToolAnswer`: HTTP 2xx with a JSON body; `content` is that JSON, compact,
   ready to be the `tool` message's content.
