@@ -7,6 +7,8 @@ The tool faults break the calls the way a confused model would.
 
 from __future__ import annotations
 
+import dataclasses
+
 import httpx
 import pytest
 import trio
@@ -44,7 +46,7 @@ def acme(config):
 
 async def ask(cloud, acme, history, user_text: str | None, *, tools=True) -> list:
     """Every item of one streamed reply from localcloud, through OpenAIChat."""
-    settings = ChatSettings(base_url=cloud.http_base_url, model="gpt-4o-mini")
+    settings = dataclasses.replace(ChatSettings.from_config(load_config(None, env={})), base_url=cloud.http_base_url)
     messages = build_messages(acme.system_prompt, history, user_text)
     with trio.fail_after(GUARD_S):
         async with httpx.AsyncClient() as client:
