@@ -29,7 +29,7 @@ import httpx
 from agentd.codecs.mulaw import silence, split_frames
 from agentd.config import Config
 from agentd.llm_openai import build_messages
-from agentd.localcloud.chat import rules_reply, tokens
+from agentd.localcloud.chat import rules_answer, tokens
 from agentd.softphone_script import CallerTurn
 from agentd.text import SentenceSplitter
 from agentd.tts_google import Voice, synthesize_request
@@ -115,7 +115,8 @@ def phrase_costs(config: Config, phrase: common.Phrase, turn: CallerTurn, lc: co
     """Work out (and measure against the running localcloud `lc`) one phrase's constants."""
     business = config.business(common.BUSINESS)
     messages = build_messages(business.system_prompt, [], phrase.script)
-    piece, k = first_piece(rules_reply(messages, config.businesses), config.llm.first_clause_min_chars)
+    reply = rules_answer(messages, config.businesses, offers_tools=False).text
+    piece, k = first_piece(reply, config.llm.first_clause_min_chars)
     voice = Voice(language=business.language, name=business.voice, speaking_rate=config.tts.speaking_rate)
     return PhraseCosts(
         first_piece=piece,
