@@ -24,6 +24,8 @@ import grpc
 import grpc.aio
 import trio
 
+from agentd import logsafe
+
 log = logging.getLogger(__name__)
 
 _KEEPALIVE_OPTIONS = [
@@ -47,7 +49,8 @@ class RpcFailure(Exception):
 
 def _failure(exc: BaseException) -> RpcFailure:
     if isinstance(exc, grpc.aio.AioRpcError):
-        return RpcFailure(exc.code().name, exc.details() or "")
+        # The server's words: credentials redacted, escaped and capped before anything logs them.
+        return RpcFailure(exc.code().name, logsafe.redact(exc.details() or ""))
     return RpcFailure("UNKNOWN", f"{type(exc).__name__}: {exc}")
 
 

@@ -60,6 +60,7 @@ from typing import Any, Protocol, TypeVar
 import httpx
 import trio
 
+from agentd import logsafe
 from agentd.codecs.sse import DONE, SseDecoder, parse_chat_event
 from agentd.config import Config
 from agentd.errors import UpstreamUnavailable
@@ -157,6 +158,7 @@ class OpenAIChat:
         self._settings = settings
         self._url = settings.base_url.rstrip("/") + "/chat/completions"
         self._headers = {"Accept": "text/event-stream"}
+        self._secrets = (api_key,) if api_key else ()  # redacted from every error body we report
         if api_key:
             self._headers["Authorization"] = f"Bearer {api_key}"
 
@@ -178,7 +180,7 @@ class OpenAIChat:
         with _translate_http_errors("chat request failed"):
             response = await timer.wait(self._client.send(request, stream=True))
         try:
-            await _raise_for_status(response, timer)
+            await _raise_for_status(response, timer, self._secrets)
             async with aclosing(response.aiter_lines()) as lines:
                 yield _Deltas(lines, timer, tool_names(tools) if tools else None)
         finally:
@@ -321,8 +323,12 @@ class _Deltas:
                 pass
 
 
-async def _raise_for_status(response: httpx.Response, timer: _RequestTimer) -> None:
-    """Raise UpstreamUnavailable naming the status and the start of the body, if not 2xx."""
+async def _raise_for_status(response: httpx.Response, timer: _RequestTimer, secrets: tuple[str, ...]) -> None:
+    """Raise UpstreamUnavailable naming the status and the start of the body, if not 2xx.
+
+    The body is the endpoint's text, and some echo the request's headers back:
+    it is redacted (credentials and `secrets`) before it enters the message.
+    """
     if response.is_success:
         return
     try:
@@ -331,7 +337,8 @@ async def _raise_for_status(response: httpx.Response, timer: _RequestTimer) -> N
     except UpstreamUnavailable as exc:
         excerpt = f"({exc})"
     count_upstream_error("llm", "http_status")
-    raise UpstreamUnavailable(f"LLM: HTTP {response.status_code} from {response.request.url}: {excerpt}")
+    raise UpstreamUnavailable(logsafe.redact(f"LLM: HTTP {response.status_code} from {response.request.url}: "
+                                             f"{excerpt}", secrets, limit=_EXCERPT_CHARS + 200))
 
 
 async def _read_excerpt(response: httpx.Response) -> str:

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import trio
 from google.cloud.speech_v1.types import cloud_speech
 
-from agentd import fsm
+from agentd import fsm, logsafe
 from agentd.config import Config
 from agentd.errors import UpstreamUnavailable
 from agentd.metrics import count_upstream_error
@@ -121,7 +121,7 @@ def parse_streaming_response(data: bytes) -> list[SttResult]:
     """Transcript results of one StreamingRecognizeResponse (events and empties skipped)."""
     response = _Response.FromString(data)
     if response.HasField("error") and response.error.code:
-        raise UpstreamUnavailable(f"STT error {response.error.code}: {response.error.message}")
+        raise UpstreamUnavailable(f"STT error {response.error.code}: {logsafe.redact(response.error.message)}")
     results = []
     for result in response.results:
         if not result.alternatives:

@@ -176,6 +176,14 @@ MALFORMED = [
     ("start missing body", altered(START, "start"), "start"),
     ("start missing callSid", altered(START, "start.callSid"), "start.callSid"),
     ("start missing accountSid", altered(START, "start.accountSid"), "start.accountSid"),
+    # SIDs are logged on every line of a call: only Twilio's format (CA/MZ + 32 hex) gets that far.
+    ("callSid with a newline", altered(START, "start.callSid", "CA1\nERROR forged"), "start.callSid"),
+    ("callSid with ANSI escapes", altered(START, "start.callSid", "CA\x1b[2K" + "0" * 28), "start.callSid"),
+    ("callSid 60 KB", altered(START, "start.callSid", "CA" + "f" * 60_000), "start.callSid"),
+    ("callSid one hex digit short", altered(START, "start.callSid", CALL[:-1]), "start.callSid"),
+    ("callSid of a stream", altered(START, "start.callSid", "MZ" + CALL[2:]), "start.callSid"),
+    ("streamSid not hex", altered(altered(START, "streamSid", "MZ" + "g" * 32), "start.streamSid",
+                                  "MZ" + "g" * 32), "streamSid"),
     ("start streamSid mismatch", altered(START, "start.streamSid", "MZother"), "start.streamSid"),
     ("start tracks not a list", altered(START, "start.tracks", "inbound"), "start.tracks"),
     ("start parameters not an object", altered(START, "start.customParameters", []), "start.customParameters"),
@@ -189,6 +197,7 @@ MALFORMED = [
     ("dtmf missing digit", altered(DTMF, "dtmf.digit"), "dtmf.digit"),
     ("mark missing name", altered(MARK, "mark.name"), "mark.name"),
     ("stop missing callSid", altered(STOP, "stop.callSid"), "stop.callSid"),
+    ("stop callSid malformed", altered(STOP, "stop.callSid", "CA\n"), "stop.callSid"),
     ("connected missing version", altered(CONNECTED, "version"), "version"),
 ]
 

@@ -154,8 +154,8 @@ class TwilioSide:
 
     def __init__(self, *, echo_marks: bool = True) -> None:
         self.echo_marks = echo_marks
-        self.stream_sid = "MZfault" + format(id(self), "x")
-        self.call_sid = "CAfault" + format(id(self), "x")
+        self.stream_sid = "MZ" + format(id(self), "032x")  # Twilio's format: MZ/CA + 32 hex
+        self.call_sid = "CA" + format(id(self), "032x")
         self.slot = 0
         self.played_slots: list[int] = []  # slots in which agent audio played
         self.marks_sent: list[str] = []  # marks the agent sent, in order

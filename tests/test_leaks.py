@@ -171,7 +171,7 @@ def random_plans(rng: random.Random, count: int, speech_frames: int) -> list[Cal
     batch = []
     for n in range(count):
         lead = rng.randrange(LEAD_MAX_MS // 20)
-        batch.append(CallPlan(call_sid=f"CAleak{n:04d}", lead_frames=lead,
+        batch.append(CallPlan(call_sid=f"CA{n:032x}", lead_frames=lead,
                               hang_up_frame=rng.randrange(lead + speech_frames + AFTER_SPEECH_MS // 20),
                               hang_up=rng.choice(list(HangUp))))
     return batch
@@ -253,7 +253,7 @@ async def test_calls_hung_up_at_random_moments_leave_nothing_behind(config, clou
     with trio.fail_after(TEST_LIMIT_S):
         async with trio.open_nursery() as nursery:
             server = await nursery.start(functools.partial(serve, config, observers=[records.append]))
-            warm_up = [CallPlan(call_sid=f"CAwarm{n:04d}", lead_frames=0, hang_up_frame=len(speech) + 150,
+            warm_up = [CallPlan(call_sid=f"CA{'a' * 28}{n:04d}", lead_frames=0, hang_up_frame=len(speech) + 150,
                                 hang_up=HangUp.STOP) for n in range(WARM_UP_CALLS)]
             await run_calls(server, config, warm_up, speech)
             await wait_for_call_records(records, {p.call_sid for p in warm_up})
@@ -279,6 +279,7 @@ async def test_calls_hung_up_at_random_moments_leave_nothing_behind(config, clou
     assert {"GREETING", "LISTENING", "THINKING", "SPEAKING"} <= set(phases), phases
 
 
+GONE_SID = "0" * 28 + "90ee"  # the hex part of the vanished call's SIDs
 MEDIA_GONE_LIMIT_S = 10  # a guard; the agent ends such calls after server.media_timeout_ms (5 s) without media
 
 
@@ -291,13 +292,13 @@ async def test_a_call_whose_media_stops_without_a_close_is_ended(config, cloud):
         async with trio_websocket.open_websocket_url(f"ws://127.0.0.1:{server.port}{config.server.path}",
                                                      disconnect_timeout=5) as ws:
             await ws.send_message(twilio.render_connected())
-            await ws.send_message(twilio.render_start(stream_sid="MZgone", call_sid="CAgone", account_sid="AC1",
-                                                      custom_parameters={"business": "acme"}))
+            await ws.send_message(twilio.render_start(stream_sid="MZ" + GONE_SID, call_sid="CA" + GONE_SID,
+                                                      account_sid="AC1", custom_parameters={"business": "acme"}))
             for n in range(25):
                 await ws.send_message(twilio.render_inbound_media(
-                    stream_sid="MZgone", chunk=n + 1, timestamp_ms=n * 20, payload=silence(1), sequence=n + 2))
+                    stream_sid="MZ" + GONE_SID, chunk=n + 1, timestamp_ms=n * 20, payload=silence(1), sequence=n + 2))
             with trio.move_on_after(MEDIA_GONE_LIMIT_S):  # then nothing more; only the agent may close now
                 await _drain(ws)
-            ended = any(r["kind"] == "call" and r["call_sid"] == "CAgone" for r in records)
+            ended = any(r["kind"] == "call" and r["call_sid"] == "CA" + GONE_SID for r in records)
         nursery.cancel_scope.cancel()
     assert ended, "the call is still up"

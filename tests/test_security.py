@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import hashlib
 import logging
 
 import pytest
@@ -40,6 +41,11 @@ PUBLIC_URL = "wss://agent.example.com/media"
 TOKEN_ENV = "AGENTD_TEST_TWILIO_AUTH_TOKEN"
 SECRET_ENV = "AGENTD_TEST_CALL_TOKEN_SECRET"
 TOKEN_PARAM = "agentd_token"
+
+
+def sid(name: str) -> str:
+    """A CallSid in Twilio's format (CA + 32 hex), distinct per name."""
+    return "CA" + hashlib.md5(name.encode()).hexdigest()
 
 
 def start_message(call_sid: str, parameters: dict[str, str] | None = None) -> twilio.Start:
@@ -84,25 +90,25 @@ def test_call_token_is_hex_hmac_sha256_of_the_call_sid():
 
 def test_call_token_valid_once_per_call_sid():
     check = CallTokenCheck(param=TOKEN_PARAM, secret=CALL_SECRET)
-    token = make_call_token(CALL_SECRET, "CAone")
-    check.check(start_message("CAone", {TOKEN_PARAM: token}))
+    token = make_call_token(CALL_SECRET, sid("one"))
+    check.check(start_message(sid("one"), {TOKEN_PARAM: token}))
     with pytest.raises(CallTokenError, match="already used"):
-        check.check(start_message("CAone", {TOKEN_PARAM: token}))
-    check.check(start_message("CAtwo", {TOKEN_PARAM: make_call_token(CALL_SECRET, "CAtwo").upper()}))
+        check.check(start_message(sid("one"), {TOKEN_PARAM: token}))
+    check.check(start_message(sid("two"), {TOKEN_PARAM: make_call_token(CALL_SECRET, sid("two")).upper()}))
 
 
 @pytest.mark.parametrize(("parameters", "reason"), [
     ({}, "missing"),
     ({TOKEN_PARAM: ""}, "missing"),
-    ({TOKEN_PARAM: make_call_token(CALL_SECRET, "CAother")}, "invalid"),  # another call's token
-    ({TOKEN_PARAM: make_call_token("wrong secret", "CAme")}, "invalid"),
+    ({TOKEN_PARAM: make_call_token(CALL_SECRET, sid("other"))}, "invalid"),  # another call's token
+    ({TOKEN_PARAM: make_call_token("wrong secret", sid("me"))}, "invalid"),
     ({TOKEN_PARAM: "é" * 64}, "invalid"),  # non-ASCII: refused, not a TypeError from compare_digest
-    ({"token": make_call_token(CALL_SECRET, "CAme")}, "missing"),  # under another name
+    ({"token": make_call_token(CALL_SECRET, sid("me"))}, "missing"),  # under another name
 ])
 def test_call_token_refusals_name_the_parameter(parameters, reason):
     check = CallTokenCheck(param=TOKEN_PARAM, secret=CALL_SECRET)
     with pytest.raises(CallTokenError, match=reason) as refused:
-        check.check(start_message("CAme", parameters))
+        check.check(start_message(sid("me"), parameters))
     assert isinstance(refused.value, CallProtocolError), "a protocol error: the call closes with 1008"
     assert str(refused.value).startswith(f"start.customParameters.{TOKEN_PARAM}:")
     assert CALL_SECRET not in str(refused.value)
@@ -114,13 +120,13 @@ def test_call_token_memory_is_bounded_and_forgets_the_oldest():
     def use(sid: str) -> None:
         check.check(start_message(sid, {TOKEN_PARAM: make_call_token(CALL_SECRET, sid)}))
 
-    for sid in ("CA1", "CA2", "CA3"):
-        use(sid)
+    for name in ("1", "2", "3"):
+        use(sid(name))
     with pytest.raises(CallTokenError):
-        use("CA3")
+        use(sid("3"))
     with pytest.raises(CallTokenError):
-        use("CA2")
-    use("CA1")  # forgotten: the documented price of bounded memory
+        use(sid("2"))
+    use(sid("1"))  # forgotten: the documented price of bounded memory
     assert "remembered=2/2" in repr(check) and CALL_SECRET not in repr(check)
 
 
@@ -136,7 +142,7 @@ def test_no_checks_configured_lets_calls_in_with_a_warning(shipped, caplog):
     assert gate.signature is None and gate.call_token is None
     assert "validation off" in caplog.text
     gate.verify_upgrade([])
-    gate.check_start(start_message("CAany"))
+    gate.check_start(start_message(sid("any")))
 
 
 def test_public_url_without_auth_token_refuses_to_start(shipped):
@@ -274,28 +280,28 @@ async def test_an_upgrade_without_a_valid_signature_gets_403(agent_config, caplo
 async def test_per_call_token_admits_once_and_refuses_wrong_or_reused(agent_config, caplog):
     caplog.set_level(logging.INFO)
     config = agent_config(**{"server.call_token_param": TOKEN_PARAM})
-    token = make_call_token(CALL_SECRET, "CAgood")
+    token = make_call_token(CALL_SECRET, sid("good"))
     async with running_agent(config) as url:
-        async with raw_stream(url, "CAgood", {TOKEN_PARAM: token}) as ws:
+        async with raw_stream(url, sid("good"), {TOKEN_PARAM: token}) as ws:
             admitted = await agent_speaks(ws)
-        async with raw_stream(url, "CAgood", {TOKEN_PARAM: token}) as ws:
+        async with raw_stream(url, sid("good"), {TOKEN_PARAM: token}) as ws:
             reused = await agent_closes(ws)
-        async with raw_stream(url, "CAwrong", {TOKEN_PARAM: token}) as ws:
+        async with raw_stream(url, sid("wrong"), {TOKEN_PARAM: token}) as ws:
             wrong = await agent_closes(ws)
-        async with raw_stream(url, "CAnone") as ws:
+        async with raw_stream(url, sid("none")) as ws:
             missing = await agent_closes(ws)
     assert admitted, "a valid token: the agent greets"
     for closed, reason in ((reused, "already used"), (wrong, "invalid"), (missing, "missing")):
         assert closed.code == 1008
         assert reason in closed.reason and TOKEN_PARAM in closed.reason
-    assert "call=CAwrong closed: protocol error" in caplog.text
+    assert f"call={sid('wrong')} closed: protocol error" in caplog.text
     assert token not in caplog.text and CALL_SECRET not in caplog.text
 
 
 async def test_calls_beyond_max_calls_get_503_until_a_slot_frees(agent_config, caplog):
     config = agent_config(**{"server.max_calls": 1})
     async with running_agent(config) as url:
-        async with raw_stream(url, "CAfirst") as ws:
+        async with raw_stream(url, sid("first")) as ws:
             assert await agent_speaks(ws)
             refused = await upgrade_status(url)
         with trio.fail_after(5):  # the agent notices the hang-up and frees the slot
@@ -314,7 +320,7 @@ async def test_an_oversized_message_closes_only_that_call(agent_config):
     async with running_agent(config) as url:
         async with trio.open_nursery() as attackers:
             async def attack(name: str, filler: str) -> None:
-                async with raw_stream(url, f"CA{name}") as ws:
+                async with raw_stream(url, sid(name)) as ws:
                     await ws.send_message(f'{{"event":"mark","pad":"{filler}"}}')
                     closes[name] = await agent_closes(ws)
 
@@ -344,9 +350,9 @@ async def test_a_socket_that_never_sends_start_is_closed(agent_config, monkeypat
         async with trio_websocket.open_websocket_url(url) as ws:
             await ws.send_message(twilio.render_connected())
             silent = await agent_closes(ws)
-        async with raw_stream(url, "CAstarted") as ws:
+        async with raw_stream(url, sid("started")) as ws:
             await trio.sleep(4 * server_module.START_TIMEOUT_S)  # the deadline ended with `start`
-            await ws.send_message(twilio.render_stop("MZstarted", "CAstarted", "AC1", sequence=2))
+            await ws.send_message(twilio.render_stop("MZ" + sid("started")[2:], sid("started"), "AC1", sequence=2))
             started = await agent_closes(ws)
     assert silent.code == 1008 and silent.reason == "no start message"
     assert started.code == 1000 and started.reason == "bye"

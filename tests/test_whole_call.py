@@ -18,6 +18,7 @@ from agentd.codecs import twilio
 from agentd.softphone import CallReport, place_call
 
 CALL_LIMIT_S = 60  # a guard against hangs, not a performance assertion
+BAD_CALL, BAD_STREAM = "CA" + "bad0" * 8, "MZ" + "bad0" * 8
 
 
 async def one_call(config, turns: list, records: list[dict]) -> CallReport:
@@ -111,8 +112,8 @@ async def test_a_malformed_frame_closes_only_that_call(config, cloud, caller):
             async with trio_websocket.open_websocket_url(url) as ws:
                 await ws.send_message(twilio.render_connected())
                 await ws.send_message(twilio.render_start(
-                    stream_sid="MZbad", call_sid="CAbad", account_sid="AC1", custom_parameters={}))
-                await ws.send_message('{"event": "media", "streamSid": "MZbad", "media": {"payload": "%%%"}}')
+                    stream_sid=BAD_STREAM, call_sid=BAD_CALL, account_sid="AC1", custom_parameters={}))
+                await ws.send_message(f'{{"event": "media", "streamSid": "{BAD_STREAM}", "media": {{"payload": "%%%"}}}}')
                 with pytest.raises(trio_websocket.ConnectionClosed) as closed:
                     while True:
                         await ws.get_message()
@@ -123,7 +124,7 @@ async def test_a_malformed_frame_closes_only_that_call(config, cloud, caller):
     assert closed.value.reason.code == 1008
     assert "media" in closed.value.reason.reason
     assert healthy["report"].turns[0].answered
-    assert call_record(records, "CAbad")["states"][-1] == "ENDED"
+    assert call_record(records, BAD_CALL)["states"][-1] == "ENDED"
 
 
 async def test_when_streaming_stt_cannot_open_the_fallback_answers(config, cloud, caller):

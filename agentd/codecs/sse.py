@@ -25,6 +25,7 @@ import json
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from agentd import logsafe
 from agentd.errors import UpstreamUnavailable
 
 _BOM = "\ufeff"
@@ -118,13 +119,14 @@ def _optional_str(value: Any) -> str | None:
 
 
 def _raise_in_band(error: Any) -> None:
+    # The endpoint's words, which may echo our request: credentials redacted before they travel on.
     if isinstance(error, dict):
         raise LlmStreamError(
-            str(error.get("message") or "unspecified error"),
+            logsafe.redact(str(error.get("message") or "unspecified error")),
             error_type=_optional_str(error.get("type")),
             code=_optional_str(error.get("code")),
         )
-    raise LlmStreamError(str(error))
+    raise LlmStreamError(logsafe.redact(str(error)))
 
 
 def _first_choice(chunk: dict) -> dict | None:

@@ -13,7 +13,9 @@ Wire facts (PROTOCOLS.md): messages are JSON text frames; numeric-looking
 fields (`sequenceNumber`, `chunk`, `timestamp`) are strings on the wire, but
 integers are accepted too; unknown extra keys are ignored for forward
 compatibility. Anything malformed raises `TwilioCodecError`, whose message
-starts with the dotted wire name of the offending field.
+starts with the dotted wire name of the offending field. The SIDs a `start`
+or `stop` carries must be Twilio's format (``CA``/``MZ`` and 32 hex digits):
+they are logged with every line of the call, so nothing else gets that far.
 
 `parse_inbound` runs for every 20 ms frame of every call, so it does one
 JSON decode, a handful of dict lookups and one strict base64 decode. JSON is
@@ -30,6 +32,7 @@ from typing import Any, Callable
 
 import orjson
 
+from agentd import logsafe
 from agentd.errors import CallProtocolError
 
 MULAW_ENCODING = "audio/x-mulaw"
@@ -186,6 +189,14 @@ def _string(obj: dict, key: str, field: str) -> str:
     return value
 
 
+def _sid(obj: dict, key: str, field: str, prefix: str) -> str:
+    """A Twilio SID: `prefix` and 32 hex digits. Anything else is refused before it can reach a log."""
+    value = _string(obj, key, field)
+    if not logsafe.is_sid(value, prefix):
+        raise TwilioCodecError(field, f"expected {prefix} and 32 hex digits, got {_show(value)}")
+    return value
+
+
 def _integer(value: Any, field: str) -> int:
     """A non-negative integer sent as a decimal string (Twilio) or a number."""
     if type(value) is int and value >= 0:  # `type is`, so True/False are rejected
@@ -247,7 +258,7 @@ def _check_media_format(start: dict) -> None:
 
 
 def _parse_start(obj: dict) -> Start:
-    stream_sid = _string(obj, "streamSid", "streamSid")
+    stream_sid = _sid(obj, "streamSid", "streamSid", "MZ")
     start = _object(obj, "start", "start")
     inner_sid = start.get("streamSid", stream_sid)
     if inner_sid != stream_sid:
@@ -255,7 +266,7 @@ def _parse_start(obj: dict) -> Start:
     _check_media_format(start)
     return Start(
         stream_sid=stream_sid,
-        call_sid=_string(start, "callSid", "start.callSid"),
+        call_sid=_sid(start, "callSid", "start.callSid", "CA"),
         account_sid=_string(start, "accountSid", "start.accountSid"),
         tracks=_tracks(start),
         custom_parameters=_custom_parameters(start),
@@ -294,7 +305,7 @@ def _parse_dtmf(obj: dict) -> Dtmf:
 def _parse_stop(obj: dict) -> Stop:
     stream_sid = _string(obj, "streamSid", "streamSid")
     stop = _object(obj, "stop", "stop")
-    return Stop(stream_sid=stream_sid, call_sid=_string(stop, "callSid", "stop.callSid"))
+    return Stop(stream_sid=stream_sid, call_sid=_sid(stop, "callSid", "stop.callSid", "CA"))
 
 
 _INBOUND: dict[str, Callable[[dict], InboundEvent]] = {
