@@ -125,6 +125,12 @@ class ServerConfig:
     after_path: str = _opt("/twilio/after", pattern=_URL_PATH, like="/path")
     max_message_bytes: int = _opt(65536, lo=1024)
     max_calls: int = _opt(100, lo=1)
+    # A socket must send `start` this long after it connected (Twilio sends it at once).
+    start_timeout_ms: int = _opt(2000, _TIMEOUT_MS)
+    # Connections that have not sent `start` yet (or are mid-request), in all and per source
+    # address; they never count against max_calls.
+    max_pending: int = _opt(64, lo=1)
+    max_pending_per_ip: int = _opt(16, lo=1)
     max_call_duration_s: float = _opt(3600.0, lo=1)
     # No inbound message for this long ends the call: Twilio streams media every 20 ms,
     # so the peer is gone (a half-open connection that never closes).

@@ -8,10 +8,11 @@ Two independent checks, each optional, each failing closed.
    with ``x-twilio-signature: base64(HMAC-SHA1(auth_token, URL))``, URL being
    the ``wss://`` URL exactly as written in the TwiML (``server.public_url``;
    reverse proxies rewrite scheme and host, so it is configured, not rebuilt
-   from the request). A Media Streams upgrade has no POST body and its URL no
-   query string, so nothing from the request enters the MAC: for one
-   deployment the expected signature is a constant, computed once at startup
-   and compared with `hmac.compare_digest`. What that buys: only someone who
+   from the request). A Media Streams upgrade has no POST body and the TwiML
+   URL no query string, so for one deployment the expected signature is a
+   constant, computed once at startup and compared with `hmac.compare_digest`;
+   an upgrade that does carry a query string is checked against the URL with
+   it, as Twilio would have signed it. What that buys: only someone who
    knows the account's auth token can mint it. What it does not: the value is
    the same on every call, so a captured upgrade can be replayed.
 
@@ -66,8 +67,11 @@ class CallTokenError(CallProtocolError):
 
 def twilio_signature(auth_token: str, url: str) -> str:
     """base64(HMAC-SHA1(auth_token, url)): the ``x-twilio-signature`` Twilio sends for `url`."""
-    digest = hmac.new(auth_token.encode(), url.encode(), hashlib.sha1).digest()
-    return base64.b64encode(digest).decode("ascii")
+    return _signature(auth_token.encode(), url).decode("ascii")
+
+
+def _signature(key: bytes, url: str) -> bytes:
+    return base64.b64encode(hmac.new(key, url.encode(), hashlib.sha1).digest())
 
 
 def make_call_token(secret: str, call_sid: str) -> str:
@@ -89,21 +93,32 @@ class SignatureCheck:
     """Checks ``x-twilio-signature`` on an upgrade against one configured public URL."""
 
     public_url: str
-    expected: bytes = field(repr=False)  # the base64 signature, ASCII
+    key: bytes = field(repr=False)  # the auth token, UTF-8
+    expected: bytes = field(repr=False)  # the base64 signature of public_url, ASCII
 
     @classmethod
     def for_url(cls, auth_token: str, public_url: str) -> SignatureCheck:
-        return cls(public_url=public_url, expected=twilio_signature(auth_token, public_url).encode("ascii"))
+        return cls(public_url=public_url, key=auth_token.encode(),
+                   expected=twilio_signature(auth_token, public_url).encode("ascii"))
 
-    def verify(self, headers: Iterable[tuple[bytes, bytes]]) -> None:
-        """Return if exactly one signature header is present and valid; else raise UpgradeRefused."""
-        values = [value for name, value in headers if name.lower() == SIGNATURE_HEADER.encode()]
+    def verify(self, headers: Iterable[tuple[str, str]], query: str = "") -> None:
+        """Return if exactly one signature header is present and valid for the URL; else raise UpgradeRefused.
+
+        The URL is ``public_url`` plus the request's ``?query`` when it has one,
+        as Twilio signs the URL it requested: a query string the TwiML did not
+        have changes the signature, so it cannot ride along on a captured one.
+        """
+        values = [value for name, value in headers if name.lower() == SIGNATURE_HEADER]
         if not values:
             raise UpgradeRefused(f"{SIGNATURE_HEADER} missing")
         if len(values) > 1:
             raise UpgradeRefused(f"{SIGNATURE_HEADER} sent {len(values)} times")
-        if not hmac.compare_digest(values[0].strip(), self.expected):
-            raise UpgradeRefused(f"{SIGNATURE_HEADER} does not match {self.public_url} (wrong auth token "
+        expected = self.expected if not query else _signature(self.key, f"{self.public_url}?{query}")
+        given = values[0].strip()
+        # ASCII-only before compare_digest (a non-ASCII header is simply wrong).
+        if not (given.isascii() and hmac.compare_digest(given.encode("ascii"), expected)):
+            url = self.public_url + ("?<query>" if query else "")
+            raise UpgradeRefused(f"{SIGNATURE_HEADER} does not match {url} (wrong auth token "
                                  "or server.public_url not exactly as in the TwiML?)")
 
 
@@ -162,10 +177,10 @@ class Gatekeeper:
         gate._log_state(config, env)
         return gate
 
-    def verify_upgrade(self, headers: Iterable[tuple[bytes, bytes]]) -> None:
-        """Raise UpgradeRefused unless the upgrade may proceed."""
+    def verify_upgrade(self, headers: Iterable[tuple[str, str]], query: str = "") -> None:
+        """Raise UpgradeRefused unless the upgrade (its headers, its URL's query string) may proceed."""
         if self.signature is not None:
-            self.signature.verify(headers)
+            self.signature.verify(headers, query)
 
     def check_start(self, start: twilio.Start) -> None:
         """Raise CallTokenError unless the call may proceed past `start`."""

@@ -7,16 +7,17 @@ leaves from memory. Each connection is one ``Call``; its failure closes that
 socket with a logged reason and never reaches another call (the per-call
 boundary below is the only broad handler in agentd).
 
-Admission, in order (agentd.security has the theory of the two checks):
-the upgrade's path (else 404), its Twilio signature (else 403), free capacity,
-``server.max_calls`` (else 503); then, on ``start``, the per-call token (else
-the socket closes with 1008). Limits on an admitted socket: ``start`` within
-``START_TIMEOUT_S`` (else 1008), each message within
-``server.max_message_bytes`` (the codec closes with 1008; the transport refuses
-anything over twice that with 1009, without buffering it). Once started, the
-``Call`` ends itself -- close 1000, its reason in the close frame -- after
-``server.media_timeout_ms`` with no message (the peer is gone) or at
-``server.max_call_duration_s``.
+Admission is agentd.frontdoor's (its docstring has the theory): it reads
+each connection's request itself, refuses and closes what may not pass (404,
+426, 403, 503), and keeps connections that have not sent ``start`` within
+``server.start_timeout_ms`` and a pending budget of their own. Here, an
+upgraded socket waits for ``start`` inside that deadline, passes the per-call
+token (else the socket closes with 1008), takes a call slot and runs. Limits on
+an admitted socket: each message within ``server.max_message_bytes`` (the
+codec closes with 1008; the transport refuses anything over twice that with
+1009, without buffering it). Once started, the ``Call`` ends itself -- close
+1000, its reason in the close frame -- after ``server.media_timeout_ms`` with
+no message (the peer is gone) or at ``server.max_call_duration_s``.
 """
 
 from __future__ import annotations
@@ -34,20 +35,21 @@ import httpx
 import trio
 import trio_websocket
 
-from agentd import logs, ops, telemetry
+from agentd import http1, logs, logsafe, ops, telemetry
 from agentd.audio_cache import AudioCache
 from agentd.call import Call, Services
 from agentd.codecs import twilio
 from agentd.config import Config, config_summary
 from agentd.drain import LiveCalls, run_until_drained
 from agentd.errors import AgentdError, CallProtocolError, ConfigError
+from agentd.frontdoor import Admission, CallBusy, FrontDoor
 from agentd.grpc_bridge import GrpcBridge
 from agentd.listeners import open_shared_tcp_listeners
 from agentd.llm_openai import ChatSettings, OpenAIChat
 from agentd.metrics import Metrics, upstreams_failing
 from agentd.metronome import Metronome
 from agentd.notify import Notifier
-from agentd.security import Gatekeeper, UpgradeRefused
+from agentd.security import CallTokenError, Gatekeeper
 from agentd.tts_google import GoogleStreamingTts, GoogleTts
 
 log = logging.getLogger(__name__)
@@ -55,9 +57,7 @@ log = logging.getLogger(__name__)
 _NORMAL_CLOSURE = 1000
 _POLICY_VIOLATION = 1008
 _INTERNAL_ERROR = 1011
-# Twilio sends `connected` and `start` as soon as the socket opens; a socket
-# that does not is only holding one of the max_calls slots.
-START_TIMEOUT_S = 10.0
+_TRY_AGAIN_LATER = 1013
 RECENT_TURNS = 8
 
 
@@ -69,9 +69,12 @@ class Server:
     services: Services
     gate: Gatekeeper
     active_calls: int = 0
-    # Refusals by reason ("busy", "draining", ...); /metrics reads them at scrape time.
+    # Refusals by reason ("path", "signature", "busy", "draining", "pending", "handshake",
+    # "start_timeout", "token", "protocol"), counted by the front door; /metrics reads them.
     refused: collections.Counter[str] = field(default_factory=collections.Counter)
-    draining: bool = False
+    draining: bool = False  # True: the front door answers new upgrades 503
+    # Every path but server.path: {(method, path): async handler(http1.Request) -> http1.Response}.
+    routes: dict[tuple[str, str], http1.Handler] = field(default_factory=dict)
     calls: LiveCalls = field(default_factory=LiveCalls)
     # The greetings, apologies and fillers of every business are synthesized (see _keep_warming).
     cache_warm: bool = False
@@ -136,7 +139,7 @@ class Server:
 # What a reload cannot change: they are bound or opened once, at startup.
 _RESTART_KEYS = ("server.host", "server.port", "server.reuse_port", "server.path", "server.max_calls",
                  "server.telemetry_dir", "ops.listen", "stt.endpoint", "stt.tls", "tts.endpoint", "tts.tls",
-                 "tts.streaming")
+                 "tts.streaming", "server.start_timeout_ms", "server.max_pending", "server.max_pending_per_ip")
 
 
 def _dotted(config: Config, key: str):
@@ -188,8 +191,9 @@ async def serve(config: Config, *, observers: list[Callable[[dict], None]] | Non
             server.cache_warm = await _warm_cache(services)
             _freeze_startup_objects()
             accepting = trio.CancelScope()
-            server.port = await nursery.start(functools.partial(
-                _serve_websockets, lambda request: _handle(server, request), config, listeners, accepting))
+            door = FrontDoor(server, functools.partial(_run_call, server))
+            await nursery.start(door.serve, listeners, accepting)
+            server.port = listeners[0].socket.getsockname()[1]
             log.info("agentd listening on ws://%s:%d%s", config.server.host, server.port, config.server.path)
             if ops_listeners:
                 server.ops_port = await nursery.start(ops.serve_ops, server, ops_listeners)
@@ -241,46 +245,6 @@ def _require_llm_key(config: Config) -> str | None:
     return key
 
 
-async def _serve_websockets(handler, config: Config, listeners: list[trio.SocketListener],
-                            accepting: trio.CancelScope, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
-    """trio-websocket's server, with each connection fenced off from the others.
-
-    trio-websocket runs a connection's reader task in a nursery under the
-    server's, so a protocol error in one connection (wsproto raising
-    LocalProtocolError when a peer's oversized frame meets our own close)
-    would end every call. Each connection is therefore handled inside its own
-    boundary; this reaches for WebSocketServer's per-connection handler, the
-    one place trio-websocket offers no hook (tests/test_hostile_input.py pins it).
-
-    Cancelling ``accepting`` closes the listeners; the connections already
-    accepted go on, and this returns when the last one ends.
-    """
-    server = trio_websocket.WebSocketServer(
-        handler, listeners, max_message_size=2 * config.server.max_message_bytes)
-
-    async def fenced(stream: trio.abc.Stream) -> None:
-        try:
-            await server._handle_connection(stream)  # noqa: SLF001 -- see the docstring
-        except* Exception as group:
-            log.error("a WebSocket connection failed inside trio-websocket; only it is closed",
-                      exc_info=group)
-
-    async with trio.open_nursery() as connections:
-        with accepting:
-            await trio.serve_listeners(fenced, listeners, handler_nursery=connections,
-                                       task_status=_PortReporter(task_status))
-
-
-class _PortReporter:
-    """Turns serve_listeners' started(listeners) into started(port)."""
-
-    def __init__(self, task_status):
-        self._task_status = task_status
-
-    def started(self, listeners) -> None:
-        self._task_status.started(listeners[0].socket.getsockname()[1])
-
-
 def _freeze_startup_objects() -> None:
     """Keep what startup built (imports, config, cached audio: ~70,000 objects) out of every later GC.
 
@@ -329,41 +293,6 @@ async def _keep_warming(server: Server, notifier: Notifier) -> None:
     await notifier.send("READY=1", "STATUS=" + server.status_line())
 
 
-async def _handle(server: Server, request: trio_websocket.WebSocketRequest) -> None:
-    config = server.services.config
-    if request.path.split("?")[0] != config.server.path:
-        await request.reject(404, body=b"unknown path\n")
-        return
-    try:
-        server.gate.verify_upgrade(request.headers)
-    except UpgradeRefused as exc:
-        log.warning("refusing a call from %s: %s", _peer(request), exc)
-        await request.reject(403, body=b"forbidden\n")
-        return
-    if server.draining:
-        log.info("refusing a call: draining")
-        server.refused["draining"] += 1
-        await request.reject(503, body=b"draining\n")
-        return
-    if server.active_calls >= config.server.max_calls:
-        log.warning("refusing a call: %d calls active (server.max_calls)", server.active_calls)
-        server.refused["busy"] += 1
-        await request.reject(503, body=b"busy\n")
-        return
-    server.active_calls += 1  # before accept() yields, so two upgrades cannot both take the last slot
-    try:
-        ws = await request.accept()
-        await _run_call(ws, server)
-    finally:
-        server.active_calls -= 1
-
-
-def _peer(request: trio_websocket.WebSocketRequest) -> str:
-    """host:port of the peer (behind a reverse proxy: the proxy's)."""
-    remote = request.remote
-    return f"{remote.address}:{remote.port}" if isinstance(remote, trio_websocket.Endpoint) else str(remote)
-
-
 async def wait_start(ws: trio_websocket.WebSocketConnection, *, max_bytes: int) -> twilio.Start:
     """Read until Twilio's ``start`` (after an optional ``connected``); the caller sets the deadline.
 
@@ -382,18 +311,36 @@ async def wait_start(ws: trio_websocket.WebSocketConnection, *, max_bytes: int) 
             raise CallProtocolError(f"{type(event).__name__.lower()} before start")
 
 
-async def _run_call(ws: trio_websocket.WebSocketConnection, server: Server) -> None:
-    """The per-call boundary: whatever happens, only this socket is affected."""
+def _admit(server: Server, admission: Admission, start: twilio.Start) -> None:
+    """The per-call token, then a call slot (see Admission).
+
+    Raises CallTokenError (close 1008), counted and logged here as the "token"
+    refusal, or CallBusy (close 1013).
+    """
+    try:
+        server.gate.check_start(start)
+    except CallTokenError as exc:
+        admission.refuse("token", f"call={start.call_sid}: {exc}")  # the codec has checked the SID's format
+        raise
+    admission.admit()
+
+
+async def _run_call(server: Server, ws: trio_websocket.WebSocketConnection, admission: Admission) -> None:
+    """The per-call boundary: whatever happens, only this socket is affected.
+
+    Until the call is admitted a failure is a refusal (counted, and summed in
+    the log with the front door's others), not a call that went wrong.
+    """
     call_sid, opened_at = "?", trio.current_time()
     try:
-        with trio.move_on_after(START_TIMEOUT_S) as start_wait:
+        with admission.start_wait:
             start = await wait_start(ws, max_bytes=server.services.config.server.max_message_bytes)
-        if start_wait.cancelled_caught:
-            log.warning("call=? closed: no start message within %gs", START_TIMEOUT_S)
+        if admission.start_wait.cancelled_caught:
+            admission.refuse("start_timeout", "no start message within server.start_timeout_ms")
             await _close(ws, _POLICY_VIOLATION, "no start message")
             return
+        _admit(server, admission, start)
         call_sid = start.call_sid
-        server.gate.check_start(start)  # raises CallTokenError, a CallProtocolError: close 1008
         call = Call(ws, server.services, start, t0=opened_at)
         logs.set_call(call_sid, call.business.name)
         server.calls.add(call)
@@ -402,10 +349,18 @@ async def _run_call(ws: trio_websocket.WebSocketConnection, server: Server) -> N
         finally:
             server.calls.discard(call)
     except* trio_websocket.ConnectionClosed:
-        log.info("call=%s socket closed", call_sid)
+        if admission.active:
+            log.info("call=%s socket closed", call_sid)
+        else:
+            admission.refuse("handshake", "socket closed before start")
+    except* CallBusy:
+        await _close(ws, _TRY_AGAIN_LATER, "busy")
     except* CallProtocolError as group:
         reason = printable("; ".join(str(e) for e in group.exceptions))
-        log.warning("call=%s closed: protocol error: %s", call_sid, reason)
+        if admission.active:
+            log.warning("call=%s closed: protocol error: %s", call_sid, logsafe.escape(reason))
+        elif not isinstance(group.exceptions[0], CallTokenError):  # a token refusal is logged as decided
+            admission.refuse("protocol", f"before start: {reason}")
         await _close(ws, _POLICY_VIOLATION, reason)
     except* Exception as group:
         log.error("call=%s closed: internal error", call_sid, exc_info=group)

@@ -355,26 +355,36 @@ def hostile_calls(draw) -> list[str | bytes]:
 
 
 class ServerLog(logging.Handler):
-    """Warnings agentd.server logs, kept so each example can check its call's reason was logged."""
+    """What agentd logs about each socket, kept so each example can check its reason was logged.
+
+    A call's failure is a WARNING of agentd.server; a socket refused before
+    ``start`` is a refusal of agentd.frontdoor, which past a few INFO lines per
+    interval sums a flood into one line and logs each refusal at DEBUG: that
+    is the level listened to here, so every example's reason can be found.
+    """
+
+    _LEVELS = {"agentd.server": logging.WARNING, "agentd.frontdoor": logging.DEBUG}
 
     def __init__(self) -> None:
-        super().__init__(level=logging.WARNING)
+        super().__init__(level=logging.DEBUG)
         self.messages: list[str] = []
-        self._logger = logging.getLogger("agentd.server")
-        self._level = self._logger.level
+        self._loggers = {name: logging.getLogger(name) for name in self._LEVELS}
+        self._saved = {name: logger.level for name, logger in self._loggers.items()}
 
     def emit(self, record: logging.LogRecord) -> None:
         self.messages.append(record.getMessage())
 
     def __enter__(self) -> Self:
-        self._logger.addHandler(self)
-        if not self._logger.isEnabledFor(logging.WARNING):  # a quiet root logger must not hide them from us
-            self._logger.setLevel(logging.WARNING)
+        for name, logger in self._loggers.items():
+            logger.addHandler(self)
+            if not logger.isEnabledFor(self._LEVELS[name]):  # a quiet root logger must not hide them from us
+                logger.setLevel(self._LEVELS[name])
         return self
 
     def __exit__(self, *exc_info: object) -> None:
-        self._logger.removeHandler(self)
-        self._logger.setLevel(self._level)
+        for name, logger in self._loggers.items():
+            logger.removeHandler(self)
+            logger.setLevel(self._saved[name])
 
 
 class DaemonThread:
