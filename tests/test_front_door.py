@@ -332,6 +332,23 @@ async def test_an_upstream_error_body_is_reported_without_the_key():
     assert "Bearer [redacted]" in message
 
 
+async def test_a_call_whose_llm_echoes_the_key_never_puts_it_in_the_log(agent_config, caller, monkeypatch, caplog):
+    caplog.set_level(logging.INFO)
+    monkeypatch.setenv("AGENTD_TEST_FRONT_DOOR_LLM_KEY", API_KEY)
+    with trio.fail_after(GUARD_S):
+        async with trio.open_nursery() as nursery:
+            listeners = await nursery.start(echoing_llm)
+            config = agent_config(**{
+                "llm.base_url": f"http://127.0.0.1:{listeners[0].socket.getsockname()[1]}/v1",
+                "llm.api_key_env": "AGENTD_TEST_FRONT_DOOR_LLM_KEY"})
+            async with running_agent(config) as server:
+                report = await place_call(url_of(server), [caller["hours"]], extra_headers=SIGNED)
+            nursery.cancel_scope.cancel()
+    assert report.turns and report.turns[0].answered, "the caller heard the apology"
+    assert "LLM failed: LLM: HTTP 401" in caplog.text, "the failure itself is logged"
+    assert API_KEY not in caplog.text and API_KEY[3:15] not in caplog.text
+
+
 # --- smaller points: 1007, the byte cap ------------------------------------------------------------
 
 async def test_invalid_utf8_closes_with_1007(agent_config):
