@@ -15,8 +15,6 @@ tested directly at the end.
 
 from __future__ import annotations
 
-import contextlib
-import functools
 import logging
 import socket
 import struct
@@ -27,19 +25,18 @@ import pytest
 import trio
 import trio.testing
 import trio_websocket
+from agent_harness import GUARD_S, acme_config, serving
 
 from agentd import http1
 from agentd.codecs import twilio
 from agentd.config import load_config
-from agentd.demo import demo_config
 from agentd.errors import UpstreamUnavailable
 from agentd.frontdoor import FrontDoor, PendingBudget, RefusalLog
 from agentd.llm_openai import ChatSettings, OpenAIChat
 from agentd.security import twilio_signature
-from agentd.server import Server, serve
+from agentd.server import Server
 from agentd.softphone import place_call
 
-GUARD_S = 30  # a guard against hangs, not a performance assertion
 AUTH_TOKEN = "front-door-auth-token-0123456789"
 TOKEN_ENV = "AGENTD_TEST_FRONT_DOOR_TOKEN"
 PUBLIC_URL = "wss://agent.example.com/media"
@@ -51,20 +48,9 @@ ATTACKER = "127.0.0.2"
 def agent_config(cloud, monkeypatch, tmp_path):
     """`agent_config(**overrides)`: the shipped config on localcloud, signatures checked."""
     monkeypatch.setenv(TOKEN_ENV, AUTH_TOKEN)
-    base = load_config(None).with_overrides(**{
-        "businesses.acme.greeting": "Acme Plumbing, hello.", "default_business": "acme",
+    config = acme_config(cloud, str(tmp_path / "telemetry"), **{
         "server.auth_token_env": TOKEN_ENV, "server.public_url": PUBLIC_URL})
-    config = demo_config(base, cloud, str(tmp_path / "telemetry"))
     return lambda **overrides: config.with_overrides(**overrides)
-
-
-@contextlib.asynccontextmanager
-async def running_agent(config):
-    """Serve `config` for the block; yields the Server (port, refused, draining)."""
-    with trio.fail_after(GUARD_S):
-        async with trio.open_nursery() as nursery:
-            yield await nursery.start(functools.partial(serve, config))
-            nursery.cancel_scope.cancel()
 
 
 def url_of(server: Server) -> str:
@@ -136,7 +122,7 @@ REFUSALS = {
 
 async def test_every_refusal_is_answered_and_the_socket_closed_at_once(agent_config, caplog):
     caplog.set_level(logging.INFO)
-    async with running_agent(agent_config()) as server:
+    async with serving(agent_config()) as server:
         held = []
         for data, _, _ in REFUSALS.values():
             stream = await dial(server)
@@ -158,7 +144,7 @@ async def test_every_refusal_is_answered_and_the_socket_closed_at_once(agent_con
 
 async def test_a_signed_upgrade_with_a_query_string_is_checked_over_that_url(agent_config):
     signed_with_query = {"x-twilio-signature": twilio_signature(AUTH_TOKEN, PUBLIC_URL + "?x=1")}
-    async with running_agent(agent_config()) as server:
+    async with serving(agent_config()) as server:
         stream = await dial(server)
         await stream.send_all(upgrade("/media?x=1", signed_with_query))
         status, _ = await read_head(stream)
@@ -176,7 +162,7 @@ async def test_other_paths_go_to_the_route_table_and_a_failing_handler_is_only_a
         raise RuntimeError("a bug in a handler")
 
     answers = {}
-    async with running_agent(agent_config()) as server:
+    async with serving(agent_config()) as server:
         server.routes.update({("POST", "/twilio/voice"): voice, ("POST", "/twilio/after"): broken})
         for case, data in {
             "voice": b"POST /twilio/voice HTTP/1.1\r\nHost: a\r\nContent-Length: 11\r\n\r\nCallSid=CA1",
@@ -200,7 +186,7 @@ async def test_a_flood_of_silent_signed_upgrades_never_keeps_a_call_from_another
     # Few call slots and a small per-address share, so that the flood is many times both.
     config = agent_config(**{"server.max_calls": 2, "server.max_pending_per_ip": 3})
     statuses: list[int] = []
-    async with running_agent(config) as server:
+    async with serving(config) as server:
         async with trio.open_nursery() as attack:
             async def flood() -> None:
                 while True:  # a replayed signature, then silence: never `start`
@@ -223,7 +209,7 @@ async def test_a_flood_of_silent_signed_upgrades_never_keeps_a_call_from_another
 
 
 async def test_a_silent_upgrade_is_closed_1008_at_the_start_timeout(agent_config):
-    async with running_agent(agent_config(**{"server.start_timeout_ms": 300})) as server:
+    async with serving(agent_config(**{"server.start_timeout_ms": 300})) as server:
         async with trio_websocket.open_websocket_url(url_of(server), extra_headers=list(
                 (k.encode(), v.encode()) for k, v in SIGNED.items())) as ws:
             with pytest.raises(trio_websocket.ConnectionClosed) as closed:
@@ -234,7 +220,7 @@ async def test_a_silent_upgrade_is_closed_1008_at_the_start_timeout(agent_config
 
 
 async def test_an_idle_connection_is_closed_at_the_start_timeout(agent_config):
-    async with running_agent(agent_config(**{"server.start_timeout_ms": 300})) as server:
+    async with serving(agent_config(**{"server.start_timeout_ms": 300})) as server:
         idle = await dial(server, ATTACKER)
         slow = await dial(server, ATTACKER)
         await slow.send_all(b"GET /media HTTP/1.1\r\n")  # slowloris: a head that never ends
@@ -248,7 +234,7 @@ async def test_an_idle_connection_is_closed_at_the_start_timeout(agent_config):
 @pytest.mark.parametrize("how", ["FIN", "RST"])
 async def test_a_client_that_leaves_at_once_adds_no_traceback_and_bounded_log(agent_config, caplog, how):
     caplog.set_level(logging.INFO)
-    async with running_agent(agent_config()) as server:
+    async with serving(agent_config()) as server:
         before = len(caplog.records)
         for _ in range(40):
             stream = await dial(server, ATTACKER)
@@ -280,7 +266,7 @@ async def test_a_hostile_call_sid_never_forges_or_floods_a_log_line(agent_config
     caplog.set_level(logging.INFO)
     config = agent_config(**{"server.public_url": "", "server.max_message_bytes": 131_072})
     closes = {}
-    async with running_agent(config) as server:
+    async with serving(config) as server:
         for case, call_sid in FORGED.items():
             async with trio_websocket.open_websocket_url(url_of(server)) as ws:
                 await ws.send_message(twilio.render_connected())
@@ -341,7 +327,7 @@ async def test_a_call_whose_llm_echoes_the_key_never_puts_it_in_the_log(agent_co
             config = agent_config(**{
                 "llm.base_url": f"http://127.0.0.1:{listeners[0].socket.getsockname()[1]}/v1",
                 "llm.api_key_env": "AGENTD_TEST_FRONT_DOOR_LLM_KEY"})
-            async with running_agent(config) as server:
+            async with serving(config) as server:
                 report = await place_call(url_of(server), [caller["hours"]], extra_headers=SIGNED)
             nursery.cancel_scope.cancel()
     assert report.turns and report.turns[0].answered, "the caller heard the apology"
@@ -352,7 +338,7 @@ async def test_a_call_whose_llm_echoes_the_key_never_puts_it_in_the_log(agent_co
 # --- smaller points: 1007, the byte cap ------------------------------------------------------------
 
 async def test_invalid_utf8_closes_with_1007(agent_config):
-    async with running_agent(agent_config()) as server:
+    async with serving(agent_config()) as server:
         stream = await dial(server)
         await stream.send_all(upgrade(headers=SIGNED))
         status, _ = await read_head(stream)
@@ -366,7 +352,7 @@ async def test_invalid_utf8_closes_with_1007(agent_config):
 async def test_the_transport_cap_counts_bytes_not_characters(agent_config):
     config = agent_config(**{"server.max_message_bytes": 4096, "server.public_url": ""})
     wide = "€" * 3000  # 3,000 characters, 9,000 bytes: over the transport's 8,192-byte cap
-    async with running_agent(config) as server:
+    async with serving(config) as server:
         async with trio_websocket.open_websocket_url(url_of(server)) as ws:
             await ws.send_message(f'{{"event":"connected","pad":"{wide}"}}')
             with pytest.raises(trio_websocket.ConnectionClosed) as closed:

@@ -11,19 +11,17 @@ how long anything took.
 from __future__ import annotations
 
 import contextlib
-import functools
 import hashlib
 import logging
 
 import pytest
 import trio
 import trio_websocket
-from agent_harness import call_record
+from agent_harness import acme_config, call_record, serving
 
 from agentd import softphone
 from agentd.codecs import twilio
 from agentd.config import load_config
-from agentd.demo import demo_config
 from agentd.errors import CallProtocolError, ConfigError
 from agentd.localcloud import LocalCloud, settings_from_config
 from agentd.security import (
@@ -33,7 +31,6 @@ from agentd.security import (
 from agentd.server import serve
 from agentd.softphone import place_call
 
-GUARD_S = 30  # a guard against hangs, not a performance assertion
 AUTH_TOKEN = "test-auth-token-0123456789abcdef"
 CALL_SECRET = "test-call-token-secret"
 PUBLIC_URL = "wss://agent.example.com/media"
@@ -198,22 +195,16 @@ def agent_config(cloud, monkeypatch, tmp_path):
     """`agent_config(**overrides)`: the shipped config on localcloud; the test secrets are in the env."""
     monkeypatch.setenv(TOKEN_ENV, AUTH_TOKEN)
     monkeypatch.setenv(SECRET_ENV, CALL_SECRET)
-    base = load_config(None).with_overrides(**{
-        "businesses.acme.greeting": "Acme Plumbing, hello.", "default_business": "acme",
+    config = acme_config(cloud, str(tmp_path / "telemetry"), **{
         "server.auth_token_env": TOKEN_ENV, "server.call_token_secret_env": SECRET_ENV})
-    config = demo_config(base, cloud, str(tmp_path / "telemetry"))
     return lambda **overrides: config.with_overrides(**overrides)
 
 
 @contextlib.asynccontextmanager
 async def running_agent(config, records: list[dict] | None = None):
     """Serve `config` for the block; yields the URL to dial. Turn and call records go to `records`."""
-    with trio.fail_after(GUARD_S):
-        async with trio.open_nursery() as nursery:
-            observers = [records.append] if records is not None else []
-            server = await nursery.start(functools.partial(serve, config, observers=observers))
-            yield f"ws://127.0.0.1:{server.port}{config.server.path}"
-            nursery.cancel_scope.cancel()
+    async with serving(config, records) as server:
+        yield f"ws://127.0.0.1:{server.port}{config.server.path}"
 
 
 @contextlib.asynccontextmanager
