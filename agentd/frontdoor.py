@@ -143,7 +143,7 @@ class RefusalLog:
             self.flush()
 
 
-class _ResourceWarning:
+class _OutOfDescriptors:
     """Out of descriptors: one WARNING per interval, with how many accepts failed since the last."""
 
     def __init__(self) -> None:
@@ -226,7 +226,7 @@ class FrontDoor:
         self._run_call = run_call
         self.budget = PendingBudget(total=cfg.max_pending, per_source=cfg.max_pending_per_ip)
         self.refusals = RefusalLog(log)
-        self._out_of_fds = _ResourceWarning()
+        self._out_of_fds = _OutOfDescriptors()
 
     def refuse(self, reason: str, peer: str, detail: str) -> None:
         """Count and log one refusal."""
