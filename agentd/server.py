@@ -297,13 +297,18 @@ async def wait_start(ws: trio_websocket.WebSocketConnection, *, max_bytes: int) 
     """Read until Twilio's ``start`` (after an optional ``connected``); the caller sets the deadline.
 
     Raises CallProtocolError for anything else first. An event type Twilio added
-    after us is skipped, not fatal.
+    after us is skipped, not fatal, and logged once per socket: before `start`
+    the peer is not yet known to be Twilio, and one line per message would let
+    it write to the log at its own rate.
     """
+    warned = False
     while True:
         try:
             event = twilio.parse_inbound(await ws.get_message(), max_bytes=max_bytes)
         except twilio.UnknownEventError as exc:
-            log.warning("call=? skipping unknown Twilio event before start: %s", exc)
+            if not warned:
+                log.warning("call=? skipping unknown Twilio event before start: %s", exc)
+                warned = True
             continue
         if isinstance(event, twilio.Start):
             return event

@@ -253,6 +253,18 @@ async def test_a_client_that_leaves_at_once_adds_no_traceback_and_bounded_log(ag
     assert report.greeting.audio_ms > 0
 
 
+async def test_unknown_events_before_start_are_logged_once_per_socket(agent_config, caplog):
+    async with serving(agent_config(**{"server.start_timeout_ms": 500})) as server:
+        async with trio_websocket.open_websocket_url(url_of(server), extra_headers=list(
+                (k.encode(), v.encode()) for k, v in SIGNED.items())) as ws:
+            for n in range(200):
+                await ws.send_message(f'{{"event":"novel{n}"}}')
+            with pytest.raises(trio_websocket.ConnectionClosed) as closed:
+                await ws.get_message()
+    assert closed.value.reason.code == 1008
+    assert sum("skipping unknown Twilio event" in r.getMessage() for r in caplog.records) == 1
+
+
 # --- 4. the log cannot be forged through callSid ---------------------------------------------------
 
 FORGED = {
