@@ -6,9 +6,11 @@ agentd reads each connection's first request itself (agentd.http1), so it
 decides, and closes, before any WebSocket library is involved:
 
 1. **Accept.** Our own accept loop: when the process is out of file
-   descriptors (EMFILE/ENFILE, or the kernel out of buffers), it backs off
-   and logs one WARNING per `EMFILE_WARN_INTERVAL_S` with a count, instead
-   of trio's traceback ten times a second; the daemon and its calls go on.
+   descriptors (EMFILE/ENFILE, or the kernel out of buffers), it sheds the
+   oldest pending connection of the address holding the most (or, with none
+   pending, backs off) and logs one WARNING per `EMFILE_WARN_INTERVAL_S` with
+   a count, instead of trio's traceback ten times a second; the daemon and
+   its calls go on, and new connections keep being accepted.
 2. **Pending budget.** From accept until Twilio's ``start`` (or until an
    HTTP request is answered) a connection is *pending*: it holds one of
    ``server.max_pending`` places and one of ``server.max_pending_per_ip``
@@ -74,27 +76,42 @@ class CallBusy(CallProtocolError):
 
 
 class PendingBudget:
-    """Places for connections that have not started: `total` in all, `per_source` per address."""
+    """Places for connections that have not started: `total` in all, `per_source` per address.
+
+    Holders are kept in order per source, so that when the process runs out of
+    file descriptors `evictee` can name the one to shed: the oldest of the
+    source holding the most -- a flood's, never a lone caller's.
+    """
 
     def __init__(self, *, total: int, per_source: int) -> None:
         self.total = total
         self.per_source = per_source
         self.held = 0
-        self._by_source: Counter[str] = Counter()
+        self._by_source: dict[str, dict[object, None]] = {}
 
-    def take(self, source: str) -> bool:
-        """Take a place for `source`; False (and nothing taken) when none is free."""
-        if self.held >= self.total or self._by_source[source] >= self.per_source:
+    def take(self, source: str, holder: object) -> bool:
+        """Take a place for `holder` from `source`; False (and nothing taken) when none is free."""
+        holders = self._by_source.setdefault(source, {})
+        if self.held >= self.total or len(holders) >= self.per_source:
+            if not holders:
+                del self._by_source[source]
             return False
         self.held += 1
-        self._by_source[source] += 1
+        holders[holder] = None
         return True
 
-    def give_back(self, source: str) -> None:
+    def give_back(self, source: str, holder: object) -> None:
         self.held -= 1
-        self._by_source[source] -= 1
-        if not self._by_source[source]:
+        holders = self._by_source[source]
+        del holders[holder]
+        if not holders:
             del self._by_source[source]
+
+    def evictee(self) -> object | None:
+        """The holder to shed first (see the class docstring), or None when nothing is pending."""
+        if not self._by_source:
+            return None
+        return next(iter(max(self._by_source.values(), key=len)))
 
 
 class RefusalLog:
@@ -154,8 +171,9 @@ class _OutOfDescriptors:
         self._since += 1
         now = trio.current_time()
         if now >= self._next_at:
-            log.warning("cannot accept connections: %s (%d times since the last warning); retrying "
-                        "every %gs -- raise the fd limit (LimitNOFILE) or lower server.max_calls",
+            log.warning("cannot accept connections: %s (%d times since the last warning); shedding pending "
+                        "connections of the busiest address, else retrying every %gs -- raise the fd limit "
+                        "(LimitNOFILE) or lower server.max_calls",
                         errno.errorcode.get(exc.errno or 0, exc), self._since, _ACCEPT_BACKOFF_S)
             self._next_at = now + EMFILE_WARN_INTERVAL_S
             self._since = 0
@@ -169,13 +187,28 @@ class Admission:
     lifts it. `refuse` counts and logs a refusal the call code decided.
     """
 
-    def __init__(self, door: FrontDoor, source: str, peer: str, deadline: float) -> None:
+    def __init__(self, door: FrontDoor, stream: trio.SocketStream, source: str, peer: str,
+                 deadline: float) -> None:
         self._door = door
+        self._stream = stream
         self._source = source
         self.peer = peer
         self.start_wait = trio.CancelScope(deadline=deadline)
-        self.pending = True
+        self.scope = trio.CancelScope()  # the whole connection: what `evict` cancels
+        self.pending = False
         self.active = False
+
+    def take_pending(self) -> bool:
+        """Take a place in the pending budget; False when there is none for this source."""
+        self.pending = self._door.budget.take(self._source, self)
+        return self.pending
+
+    def evict(self) -> None:
+        """Shed this pending connection now: its descriptor is closed before this returns."""
+        self.refuse("pending", "shed: the process is out of file descriptors")
+        self.leave_pending()
+        self.scope.cancel()
+        self._stream.socket.close()  # trio's close tells any task waiting on it; the fd is free at once
 
     def admit(self) -> None:
         """``start`` came and passed its checks: leave the pending budget, take a call slot.
@@ -198,7 +231,7 @@ class Admission:
     def leave_pending(self) -> None:
         if self.pending:
             self.pending = False
-            self._door.budget.give_back(self._source)
+            self._door.budget.give_back(self._source, self)
 
     def release(self) -> None:
         """The connection is over: give back whatever it held."""
@@ -261,9 +294,23 @@ class FrontDoor:
                     if exc.errno not in _RESOURCE_ERRNOS:
                         raise
                     self._out_of_fds.note(exc)
-                    await trio.sleep(_ACCEPT_BACKOFF_S)
+                    await self._shed_or_wait()
                     continue
                 nursery.start_soon(self._connection, stream)
+
+    async def _shed_or_wait(self) -> None:
+        """Out of descriptors: free one held by a pending connection, else back off.
+
+        Without shedding, silent connections would hold every descriptor until
+        their deadline while real calls queue behind them in the kernel's
+        backlog; with it, each new connection costs the flood its oldest one.
+        """
+        victim = self.budget.evictee()
+        if isinstance(victim, Admission):
+            victim.evict()
+            await trio.lowlevel.checkpoint()
+        else:
+            await trio.sleep(_ACCEPT_BACKOFF_S)
 
     async def _connection(self, stream: trio.SocketStream) -> None:
         """One connection, start to close; nothing it does reaches another connection."""
@@ -274,14 +321,15 @@ class FrontDoor:
             await trio.aclose_forcefully(stream)
             return
         peer = f"{host}:{port}"
-        if not self.budget.take(host):
+        admission = Admission(self, stream, host, peer, trio.current_time() + self._cfg.start_timeout_ms / 1000)
+        if not admission.take_pending():
             self.refuse("pending", peer, f"{self.budget.held} connections not yet started "
                                          "(server.max_pending, server.max_pending_per_ip)")
             await self._answer(stream, http1.Response(status=503, body=b"busy\n"))
             return
-        admission = Admission(self, host, peer, trio.current_time() + self._cfg.start_timeout_ms / 1000)
         try:
-            await self._serve_request(stream, admission)
+            with admission.scope:
+                await self._serve_request(stream, admission)
         finally:
             admission.release()
             await trio.aclose_forcefully(stream)

@@ -411,12 +411,23 @@ async def test_running_out_of_descriptors_is_survived_with_a_rate_limited_warnin
 
 def test_the_pending_budget_keeps_one_address_to_its_share():
     budget = PendingBudget(total=5, per_source=2)
-    assert [budget.take("10.0.0.1") for _ in range(3)] == [True, True, False]
-    assert [budget.take("10.0.0.2") for _ in range(2)] == [True, True]
-    assert budget.take("10.0.0.3") is True
-    assert budget.take("10.0.0.4") is False, "the total is full"
-    budget.give_back("10.0.0.1")
-    assert budget.take("10.0.0.4") is True
+    assert [budget.take("10.0.0.1", n) for n in range(3)] == [True, True, False]
+    assert [budget.take("10.0.0.2", n) for n in range(2)] == [True, True]
+    assert budget.take("10.0.0.3", 0) is True
+    assert budget.take("10.0.0.4", 0) is False, "the total is full"
+    budget.give_back("10.0.0.1", 0)
+    assert budget.take("10.0.0.4", 0) is True
+
+
+def test_out_of_descriptors_the_oldest_connection_of_the_busiest_address_is_shed_first():
+    budget = PendingBudget(total=10, per_source=5)
+    assert budget.evictee() is None
+    budget.take("10.0.0.9", "lone caller")
+    for n in range(3):
+        budget.take("10.0.0.1", f"flood {n}")
+    assert budget.evictee() == "flood 0"
+    budget.give_back("10.0.0.1", "flood 0")
+    assert budget.evictee() == "flood 1"
 
 
 def test_the_refusal_log_sums_a_flood_into_one_line_per_interval(caplog):
