@@ -316,8 +316,8 @@ async def test_an_upstream_error_body_is_reported_without_the_key():
         async with trio.open_nursery() as nursery:
             listeners = await nursery.start(echoing_llm)
             port = listeners[0].socket.getsockname()[1]
-            settings = ChatSettings(base_url=f"http://127.0.0.1:{port}/v1", model="m", max_tokens_param="max_tokens",
-                                    max_tokens=10, temperature=None, timeout_s=5, first_token_timeout_s=5)
+            settings = ChatSettings.from_config(load_config(None).with_overrides(**{
+                "llm.base_url": f"http://127.0.0.1:{port}/v1", "llm.timeout_ms": 5000}))
             async with httpx.AsyncClient() as client:
                 chat = OpenAIChat(client, settings, api_key=API_KEY)
                 with pytest.raises(UpstreamUnavailable) as failed:
