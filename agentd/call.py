@@ -32,6 +32,7 @@ from agentd.errors import CallProtocolError, UpstreamUnavailable
 from agentd.grpc_bridge import Channel
 from agentd.history import History
 from agentd.llm_openai import build_messages
+from agentd.media_socket import MediaSocket
 from agentd.metronome import Metronome
 from agentd.reply import Outlet, Piece, ReplyJob, Voicing, chat_thinker
 from agentd.stt_google import SttSettings, StreamingRecognizer
@@ -86,7 +87,7 @@ class _Turn:
 class Call:
     """One Twilio Media Stream, from ``start`` to hang-up."""
 
-    def __init__(self, ws: trio_websocket.WebSocketConnection, services: Services, start: twilio.Start, *,
+    def __init__(self, ws: MediaSocket, services: Services, start: twilio.Start, *,
                  t0: float | None = None):
         cfg = services.config
         self._ws = ws

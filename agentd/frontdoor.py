@@ -49,8 +49,9 @@ from typing import TYPE_CHECKING
 import trio
 import trio_websocket
 
-from agentd import http1, logsafe, wsconn
+from agentd import http1, logsafe, media_socket, wsconn
 from agentd.errors import CallProtocolError
+from agentd.media_socket import MediaSocket
 from agentd.security import UpgradeRefused
 
 if TYPE_CHECKING:
@@ -241,7 +242,7 @@ class Admission:
             self._door.server.active_calls -= 1
 
 
-RunCall = Callable[[trio_websocket.WebSocketConnection, Admission], Awaitable[None]]
+RunCall = Callable[[MediaSocket, Admission], Awaitable[None]]
 
 
 class FrontDoor:
@@ -411,9 +412,9 @@ class FrontDoor:
 
         async def on_request(ws_request: trio_websocket.WebSocketRequest) -> None:
             nonlocal handshaken
-            ws = await ws_request.accept()
-            handshaken = True
-            await self._run_call(ws, admission)
+            async with media_socket.accepted(ws_request, max_message_size=2 * self._cfg.max_message_bytes) as ws:
+                handshaken = True
+                await self._run_call(ws, admission)
 
         try:
             await wsconn.serve_websocket(

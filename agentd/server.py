@@ -46,6 +46,7 @@ from agentd.frontdoor import Admission, CallBusy, FrontDoor
 from agentd.grpc_bridge import GrpcBridge
 from agentd.listeners import open_shared_tcp_listeners
 from agentd.llm_openai import ChatSettings, OpenAIChat
+from agentd.media_socket import MediaSocket
 from agentd.metrics import Metrics, upstreams_failing
 from agentd.metronome import Metronome
 from agentd.notify import Notifier
@@ -293,7 +294,7 @@ async def _keep_warming(server: Server, notifier: Notifier) -> None:
     await notifier.send("READY=1", "STATUS=" + server.status_line())
 
 
-async def wait_start(ws: trio_websocket.WebSocketConnection, *, max_bytes: int) -> twilio.Start:
+async def wait_start(ws: MediaSocket, *, max_bytes: int) -> twilio.Start:
     """Read until Twilio's ``start`` (after an optional ``connected``); the caller sets the deadline.
 
     Raises CallProtocolError for anything else first. An event type Twilio added
@@ -330,7 +331,7 @@ def _admit(server: Server, admission: Admission, start: twilio.Start) -> None:
     admission.admit()
 
 
-async def _run_call(server: Server, ws: trio_websocket.WebSocketConnection, admission: Admission) -> None:
+async def _run_call(server: Server, ws: MediaSocket, admission: Admission) -> None:
     """The per-call boundary: whatever happens, only this socket is affected.
 
     Until the call is admitted a failure is a refusal (counted, and summed in
@@ -381,7 +382,7 @@ def printable(text: str) -> str:
     return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
-async def _close(ws: trio_websocket.WebSocketConnection, code: int, reason: str) -> None:
+async def _close(ws: MediaSocket, code: int, reason: str) -> None:
     # A close reason is at most 123 bytes of UTF-8.
     reason = printable(reason).encode("utf-8")[:120].decode("utf-8", "ignore")
     with trio.move_on_after(1) as scope:

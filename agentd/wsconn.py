@@ -30,6 +30,8 @@ from wsproto import ConnectionState, WSConnection
 from wsproto.connection import ConnectionType
 from wsproto.events import BytesMessage, CloseConnection, TextMessage
 
+from agentd import media_socket
+
 __all__ = ["serve_websocket"]
 
 
@@ -60,6 +62,7 @@ async def serve_websocket(stream: trio.abc.Stream,
     closes the stream; after the handler, the connection is closed, waiting at
     most `close_timeout_s` for the peer's close.
     """
+    stream = media_socket.handover_stream(stream)  # the handler may take the connection over (accepted)
     async with trio.open_nursery() as nursery:
         connection = _TwilioWebSocket(stream, WSConnection(ConnectionType.SERVER),
                                       max_message_size=max_message_bytes)

@@ -2,8 +2,9 @@
 records say, over real sockets.
 
 The daemon's services (localcloud behind them) come from the rig's ``agentd
-serve``; the Media Stream is served here by the same two steps the daemon
-takes -- ``wait_start``, then ``Call(ws, services, start)`` -- so the test
+serve``; the Media Stream is served here by the same steps the daemon
+takes -- agentd.wsconn's handshake handed over to a ``MediaSocket``,
+``wait_start``, then ``Call(ws, services, start)`` -- so the test
 holds the ``Call`` and can end it as another part of agentd would. Twilio's
 side is the rig's ``TwilioSide``; nothing waits on a stopwatch.
 """
@@ -20,6 +21,7 @@ from test_faults_rig import (
     without_filler,
 )
 
+from agentd import media_socket, wsconn
 from agentd.call import Call
 from agentd.server import wait_start
 
@@ -40,16 +42,18 @@ async def serve_calls(nursery: trio.Nursery, rig: Rig, calls: list[Call]) -> str
     """Serve Media Streams with the rig's services; each Call lands in ``calls``. Returns the URL."""
 
     async def handler(request: trio_websocket.WebSocketRequest) -> None:
-        ws = await request.accept()
-        start = await wait_start(ws, max_bytes=rig.config.server.max_message_bytes)
-        call = Call(ws, rig.server.services, start)
-        calls.append(call)
-        reason = await call.run()
-        await ws.aclose(code=1000, reason=reason)
+        max_bytes = rig.config.server.max_message_bytes
+        async with media_socket.accepted(request, max_message_size=2 * max_bytes) as ws:
+            start = await wait_start(ws, max_bytes=max_bytes)
+            call = Call(ws, rig.server.services, start)
+            calls.append(call)
+            reason = await call.run()
+            await ws.aclose(code=1000, reason=reason)
 
-    server = await nursery.start(functools.partial(
-        trio_websocket.serve_websocket, handler, "127.0.0.1", 0, ssl_context=None))
-    return f"ws://127.0.0.1:{server.port}/media"
+    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+    await nursery.start(functools.partial(trio.serve_listeners, lambda stream: wsconn.serve_websocket(
+        stream, handler, max_message_bytes=2 * rig.config.server.max_message_bytes, handshake_timeout_s=GUARD_S, close_timeout_s=1), listeners))
+    return f"ws://127.0.0.1:{listeners[0].socket.getsockname()[1]}/media"
 
 
 async def goodbye_heard(side: TwilioSide, since: int) -> None:
