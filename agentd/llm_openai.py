@@ -43,7 +43,7 @@ How it fails (always `UpstreamUnavailable`, so the call degrades, never hangs):
 Why no cancel scope ever wraps a `yield`: Trio forbids a cancel scope that
 spans a generator's yield (the scope would leak into the consumer's code).
 The deltas are therefore an explicit iterator class whose `__anext__` puts a
-deadline around each single await of the next line, and nothing else.
+deadline around each single await of the next chunk of the body, and nothing else.
 Cancellation from outside (barge-in) is never translated: it propagates, and
 the response is closed on the way out.
 """
@@ -181,8 +181,8 @@ class OpenAIChat:
             response = await timer.wait(self._client.send(request, stream=True))
         try:
             await _raise_for_status(response, timer, self._secrets)
-            async with aclosing(response.aiter_lines()) as lines:
-                yield _Deltas(lines, timer, tool_names(tools) if tools else None)
+            async with aclosing(response.aiter_text()) as chunks:
+                yield _Deltas(chunks, timer, tool_names(tools) if tools else None)
         finally:
             await response.aclose()
 
@@ -240,10 +240,11 @@ class _Deltas:
     fragments are dropped.
     """
 
-    def __init__(self, lines: AsyncIterator[str], timer: _RequestTimer, known_tools: frozenset[str] | None) -> None:
-        self._lines = lines
+    def __init__(self, chunks: AsyncIterator[str], timer: _RequestTimer, known_tools: frozenset[str] | None) -> None:
+        self._chunks = chunks  # the body as decoded text, in network-sized pieces
         self._timer = timer
         self._decoder = SseDecoder()
+        self._events: collections.deque[str] = collections.deque()  # data of events read, not yet parsed
         self._calls = ToolCallAssembler(known_tools) if known_tools is not None else None
         self._ready: collections.deque[ChatItem] = collections.deque()  # completed calls not yet handed out
         self._saw_done = False
@@ -297,15 +298,17 @@ class _Deltas:
             self._ready.extend(self._calls.finish())
 
     async def _next_event_data(self) -> str:
-        """The data of the next complete SSE event; end of body before [DONE] is an error."""
-        while True:
+        """The data of the next complete SSE event; end of body before [DONE] is an error.
+
+        Reads whole chunks, not lines: one deadline per network read, not per line.
+        """
+        while not self._events:
             with _translate_http_errors("LLM stream failed"):
-                line = await self._timer.wait(anext(self._lines, None))
-            if line is None:
+                chunk = await self._timer.wait(anext(self._chunks, None))
+            if chunk is None:
                 return self._data_at_end_of_body()
-            data = self._decoder.feed_line(line)
-            if data is not None:
-                return data
+            self._events.extend(self._decoder.feed(chunk))
+        return self._events.popleft()
 
     def _data_at_end_of_body(self) -> str:
         # An event the body ended inside of was cut, unless it is the [DONE]
@@ -319,7 +322,7 @@ class _Deltas:
     async def _drain(self) -> None:
         """Read the rest of the body after [DONE] (see _DRAIN_AFTER_DONE_S); errors don't matter now."""
         with trio.move_on_after(_DRAIN_AFTER_DONE_S), contextlib.suppress(httpx.HTTPError):
-            while await anext(self._lines, None) is not None:
+            while await anext(self._chunks, None) is not None:
                 pass
 
 

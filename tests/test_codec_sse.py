@@ -71,6 +71,45 @@ def test_byte_order_mark_at_stream_start_is_ignored():
     assert decode(["\ufeffdata: x", ""]) == ["x"]
 
 
+def decode_chunks(chunks: list[str]) -> list[str]:
+    decoder = SseDecoder()
+    events = [data for piece in chunks for data in decoder.feed(piece)]
+    if (tail := decoder.flush()) is not None:
+        events.append(tail)
+    return events
+
+
+def test_a_chunk_may_complete_several_events_or_none():
+    assert decode_chunks(["data: one\n\ndata: two\n\nda", "ta: thr", "ee\n", "\n"]) == ["one", "two", "three"]
+
+
+def test_a_crlf_split_between_chunks_is_one_terminator_not_a_blank_line():
+    # A lone "\r" would end the line, and the "\n" after it must not dispatch the event early.
+    assert decode_chunks(["data: a\r", "\ndata: b\r\n\r\n"]) == ["a\nb"]
+
+
+def test_a_bare_cr_at_the_end_of_a_chunk_still_ends_its_line():
+    assert decode_chunks(["data: a\r", "\rdata: b\r\r"]) == ["a", "b"]
+
+
+def test_only_sse_terminators_split_lines():
+    assert decode_chunks(['data: {"t": "a\u2028b\x85c"}\n\n']) == ['{"t": "a\u2028b\x85c"}']
+
+
+_SSE_TEXT = st.lists(st.sampled_from(["data: x", "data: ü", ": ping", "data", "", "event: e"]), max_size=12).flatmap(
+    lambda lines: st.tuples(st.just(lines), st.lists(st.sampled_from(["\n", "\r\n", "\r"]),
+                                                     min_size=len(lines), max_size=len(lines))))
+
+
+@given(_SSE_TEXT, st.lists(st.integers(min_value=0, max_value=60), max_size=8))
+def test_chunks_decode_as_the_same_text_split_into_lines(lines_and_ends, cuts):
+    lines, ends = lines_and_ends
+    text = "".join(line + end for line, end in zip(lines, ends))
+    bounds = sorted({0, len(text), *(c for c in cuts if c < len(text))})
+    pieces = [text[a:b] for a, b in zip(bounds, bounds[1:])]
+    assert decode_chunks(pieces) == decode([line + end for line, end in zip(lines, ends)])
+
+
 # --- parse_chat_event -----------------------------------------------------------------
 
 

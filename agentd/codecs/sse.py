@@ -22,6 +22,7 @@ caller notices that `DONE` never came.
 
 import enum
 import json
+import re
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -29,6 +30,7 @@ from agentd import logsafe
 from agentd.errors import UpstreamUnavailable
 
 _BOM = "\ufeff"
+_LINE_END = re.compile(r"\r\n|\r|\n")  # SSE's three terminators (not str.splitlines: data may hold U+2028)
 
 
 class LlmStreamError(UpstreamUnavailable):
@@ -43,15 +45,30 @@ class LlmStreamError(UpstreamUnavailable):
 
 
 class SseDecoder:
-    """Line-oriented SSE decoder: feed it lines, get each event's data back.
+    """SSE decoder: feed it lines or raw chunks of the body, get each event's data back.
 
     Lines may come with or without their terminator ("\\n", "\\r\\n" or "\\r";
-    it is stripped). One decoder per response stream.
+    it is stripped). Chunks (`feed`) may end anywhere, even between the "\\r"
+    and "\\n" of one terminator. One decoder per response stream.
     """
 
     def __init__(self) -> None:
         self._data: list[str] = []
         self._first_line = True
+        self._partial = ""  # the start of a line whose terminator has not arrived yet
+
+    def feed(self, chunk: str) -> list[str]:
+        """Process a chunk of the body; return the data of every event it completes, in order.
+
+        One call per network read instead of one per line: the caller's
+        per-read overhead (a deadline, error translation) is paid once.
+        """
+        lines = _LINE_END.split(self._partial + chunk)
+        # The last piece has no terminator yet; a piece ending in "\\r" may still get its "\\n".
+        self._partial = lines.pop()
+        if self._partial == "" and lines and chunk.endswith("\r"):
+            self._partial = lines.pop() + "\r"
+        return [data for line in lines if (data := self.feed_line(line)) is not None]
 
     def feed_line(self, line: str) -> str | None:
         """Process one line; return the event's data when this line completes one."""
@@ -71,6 +88,9 @@ class SseDecoder:
 
     def flush(self) -> str | None:
         """At end of stream: the pending event's data, if the last blank line never came."""
+        partial, self._partial = self._partial, ""
+        if partial and (data := self.feed_line(partial)) is not None:
+            return data  # the held-back line was the blank one that ends the event
         return self._dispatch()
 
     def _dispatch(self) -> str | None:
