@@ -20,7 +20,7 @@ from google.cloud.texttospeech_v1 import types as tts
 from audio_helpers import silence, tone
 
 from agentd.codecs import riff
-from agentd.grpc_bridge import GrpcBridge, RpcFailure
+from agentd.grpc_bridge import OUTBOX_DELAY_S, GrpcBridge, RpcFailure
 from agentd.localcloud import LocalCloud, LocalCloudSettings
 
 GUARD_S = 10
@@ -179,3 +179,20 @@ async def test_the_bridge_thread_ends_when_its_nursery_is_cancelled(cloud):
     assert loop_errors == []
     with trio.fail_after(GUARD_S):
         await wait_until(lambda: cloud.stats()["active_streams"] == 0)
+
+
+async def test_calls_to_the_loop_run_there_in_call_order_across_handover_windows():
+    # Trio -> loop calls are handed over once per OUTBOX_DELAY_S window (at 100 calls, ~1,700
+    # STT batches a second would otherwise wake the loop thread one by one).
+    ran: list[tuple[int, int, bool]] = []
+    with trio.fail_after(GUARD_S):
+        async with trio.open_nursery() as nursery:
+            bridge = await nursery.start(GrpcBridge().serve)
+            for window in range(3):
+                for index in range(5):
+                    bridge.call_soon(lambda w=window, i=index: ran.append(
+                        (w, i, threading.current_thread() is not threading.main_thread())))
+                await trio.sleep(OUTBOX_DELAY_S / 2 if window == 0 else OUTBOX_DELAY_S * 2)
+            await wait_until(lambda: len(ran) == 15)
+            nursery.cancel_scope.cancel()
+    assert ran == [(w, i, True) for w in range(3) for i in range(5)]
