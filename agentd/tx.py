@@ -30,6 +30,7 @@ import trio
 from agentd.metronome import Alarm, Metronome
 
 FRAME_S = 0.02
+MAX_BATCH_FRAMES = 10  # frames due together leave in one media message of at most 200 ms
 _LATE_BINS = 101
 
 Item = bytes | str | Callable[[], None]
@@ -147,10 +148,7 @@ class TxQueue:
             self._burst_t0, self._burst_k = now, 0
             self._grid_t0 = self._metronome.align(now)
         self._underrun = False
-        # Frames 0..lead-1 of a burst are due at once; frame k >= lead is due (k - lead + 1) * 20 ms
-        # after the burst began, counted from the grid (at most one tick later; the lead covers it).
-        paced = self._burst_k + 1 - self.lead_frames
-        due = self._grid_t0 + paced * FRAME_S if paced > 0 else self._burst_t0
+        due = self._due(self._burst_k)
         while trio.current_time() < due:
             self._alarm = self._metronome.alarm(due)
             try:
@@ -159,16 +157,42 @@ class TxQueue:
                 self._alarm = None
             if self._urgent or not self._items or not isinstance(self._items[0], bytes):
                 return
-        frame = self._take_frame()
         now = trio.current_time()
         if now - due > self._max_lag_s:
+            self._take_frame()
             self.drops += 1  # the link stalled: stale audio is worse than a gap
-        else:
-            late_ms = int((now - max(due, self._refilled_at)) * 1000)
+            self._burst_k += 1
+            return
+        batch = self._take_due_frames(now)
+        await self._send(self._render_media(b"".join(batch)))
+        self.frames_sent += len(batch)
+
+    def _due(self, k: int) -> float:
+        """When frame ``k`` of the burst is due.
+
+        Frames 0..lead-1 are due at once; frame k >= lead is due (k - lead + 1) * 20 ms after the
+        burst began, counted from the grid (at most one tick later; the lead covers it).
+        """
+        paced = k + 1 - self.lead_frames
+        return self._grid_t0 + paced * FRAME_S if paced > 0 else self._burst_t0
+
+    def _take_due_frames(self, now: float) -> list[bytes]:
+        """The next frame and the queued frames right behind it that are due by ``now`` too.
+
+        They leave as one media message (Twilio plays a payload of any length
+        in order): the lead of a burst, or audio that arrived after its due
+        time, costs one WebSocket message instead of one per 20 ms. A mark or
+        hook in the queue ends the batch, so the order on the wire is exact.
+        """
+        batch: list[bytes] = []
+        while True:
+            late_ms = int((now - max(self._due(self._burst_k), self._refilled_at)) * 1000)
             self._lateness_ms[min(max(late_ms, 0), _LATE_BINS - 1)] += 1
-            await self._send(self._render_media(frame))
-            self.frames_sent += 1
-        self._burst_k += 1
+            batch.append(self._take_frame())
+            self._burst_k += 1
+            if (len(batch) >= MAX_BATCH_FRAMES or not self._items or not isinstance(self._items[0], bytes)
+                    or self._due(self._burst_k) > now):
+                return batch
 
     def _take_frame(self) -> bytes:
         frame = self._items.popleft()

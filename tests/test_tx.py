@@ -31,23 +31,30 @@ def frames(start: int, stop: int) -> list[bytes]:
 
 
 def render(data: bytes) -> str:
-    return f"f{int.from_bytes(data[:4], 'big')}"
+    """One media message: frames due together share one ("f3+f4+f5"); the wire counts each frame."""
+    return "+".join(f"f{int.from_bytes(data[i:i + 4], 'big')}" for i in range(0, len(data), 160))
 
 
 class Wire:
-    """A fake WebSocket send: records (trio time, message); can stall on one message."""
+    """A fake WebSocket send: records (trio time, frame or control message); can stall on one.
+
+    ``sent`` has one entry per frame, ``messages_sent`` one per WebSocket message."""
 
     def __init__(self, *, stall_on: str | None = None, stall_s: float = 0.0):
         self.sent: list[tuple[float, str]] = []
+        self.messages_sent: list[str] = []
         self._stall_on = stall_on
         self._stall_s = stall_s
         self.observers: list = []
 
     async def send(self, message: str) -> None:
-        self.sent.append((trio.current_time(), message))
-        for observe in self.observers:
-            observe(message)
-        if message == self._stall_on:
+        self.messages_sent.append(message)
+        parts = message.split("+")
+        for part in parts:
+            self.sent.append((trio.current_time(), part))
+            for observe in self.observers:
+                observe(part)
+        if self._stall_on in parts:
             await trio.sleep(self._stall_s)
 
     def messages(self) -> list[str]:
@@ -87,6 +94,39 @@ async def test_a_burst_sends_the_lead_at_once_then_one_frame_per_20_ms(autojump_
     assert sent_at[:5] == times(t0, 0, 0, 0, 0, 0), "the first lead_frames go at once"
     assert sent_at[5:] == times(t0, *(FRAME_S * k for k in range(1, 8))), "then exactly one per 20 ms"
     assert tx.frames_sent == 12 and tx.drops == 0
+
+
+
+async def test_frames_due_together_leave_in_one_message_and_a_mark_ends_the_batch(autojump_clock):
+    wire = Wire()
+    with trio.fail_after(GUARD_S):
+        async with trio.open_nursery() as nursery:
+            tx = await started(nursery, wire, lead_frames=5)
+            await tx.put_frames(frames(0, 3), epoch=tx.epoch)
+            tx.put_control("mark-a", epoch=tx.epoch)
+            await tx.put_frames(frames(3, 7), epoch=tx.epoch)
+            await trio.sleep(PLENTY_S)
+            nursery.cancel_scope.cancel()
+
+    # The lead (f0..f4) is due at once but split by the mark; f5, f6 are paced one per message.
+    assert wire.messages_sent == ["f0+f1+f2", "mark-a", "f3+f4", "f5", "f6"]
+    assert tx.frames_sent == 7
+
+
+async def test_audio_that_arrives_after_its_due_time_leaves_at_once_in_one_message(autojump_clock):
+    wire = Wire()
+    with trio.fail_after(GUARD_S):
+        async with trio.open_nursery() as nursery:
+            tx = await started(nursery, wire, lead_frames=2)
+            await tx.put_frames(frames(0, 3), epoch=tx.epoch)
+            await trio.sleep(3 * FRAME_S)  # f2 went at its time; Twilio still plays the lead
+            t_late = trio.current_time()
+            await tx.put_frames(frames(3, 6), epoch=tx.epoch)  # f3 was due already, f4 due now
+            await trio.sleep(PLENTY_S)
+            nursery.cancel_scope.cancel()
+
+    assert wire.messages_sent == ["f0+f1", "f2", "f3+f4", "f5"]
+    assert wire.frame_times()["f3"] == pytest.approx(t_late)
 
 
 async def test_a_producer_ahead_of_real_time_waits_for_room_and_nothing_is_dropped(autojump_clock):
