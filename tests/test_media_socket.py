@@ -13,8 +13,9 @@ connection is left running (trio-websocket's parked reader included).
 
 from __future__ import annotations
 
+import contextlib
 import functools
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 import pytest
 import trio
@@ -46,6 +47,26 @@ async def serve(nursery: trio.Nursery, talk: Callable[[MediaSocket], Awaitable[N
     return listeners[0].socket.getsockname()[1], outcomes
 
 
+@contextlib.asynccontextmanager
+async def served(talk: Callable[[MediaSocket], Awaitable[None]]) -> AsyncIterator[tuple[int, list]]:
+    """``serve`` under the test's guard; stopped when the block ends."""
+    with trio.fail_after(GUARD_S):
+        async with trio.open_nursery() as nursery:
+            yield await serve(nursery, talk)
+            nursery.cancel_scope.cancel()
+
+
+async def read_forever(socket: MediaSocket) -> None:
+    while True:
+        await socket.get_message()
+
+
+async def wait_for(outcomes: list) -> None:
+    """Until the handler has ended (polled under the test's guard)."""
+    while not outcomes:
+        await trio.sleep(0.01)
+
+
 def dial(port: int):
     return trio_websocket.open_websocket("127.0.0.1", port, "/media", use_ssl=False, disconnect_timeout=2)
 
@@ -55,14 +76,10 @@ async def test_messages_cross_whole_and_in_order_both_ways():
         while True:
             await socket.send_message(await socket.get_message())
 
-    with trio.fail_after(GUARD_S):
-        async with trio.open_nursery() as nursery:
-            port, _ = await serve(nursery, echo)
-            async with dial(port) as ws:
-                for message in ["first", "x" * 900, b"\x00\xff binary", "last"]:
-                    await ws.send_message(message)
-                    assert await ws.get_message() == message
-            nursery.cancel_scope.cancel()
+    async with served(echo) as (port, _), dial(port) as ws:
+        for message in ["first", "x" * 900, b"\x00\xff binary", "last"]:
+            await ws.send_message(message)
+            assert await ws.get_message() == message
 
 
 async def test_a_fragmented_message_is_delivered_joined():
@@ -71,47 +88,27 @@ async def test_a_fragmented_message_is_delivered_joined():
     async def read_one(socket: MediaSocket) -> None:
         received.append(await socket.get_message())
 
-    with trio.fail_after(GUARD_S):
-        async with trio.open_nursery() as nursery:
-            port, outcomes = await serve(nursery, read_one)
-            stream = await trio.open_tcp_stream("127.0.0.1", port)
-            await _handshake(stream)
-            # One text message in three frames (FIN clear, clear, set), masked as a client must.
-            await stream.send_all(_frame(0x1, b"con", fin=False) + _frame(0x0, b"nec", fin=False)
-                                  + _frame(0x0, b"ted", fin=True))
-            while not outcomes:
-                await trio.sleep(0.01)
-            await stream.aclose()
-            nursery.cancel_scope.cancel()
+    async with served(read_one) as (port, outcomes):
+        stream = await trio.open_tcp_stream("127.0.0.1", port)
+        await _handshake(stream)
+        # One text message in three frames (FIN clear, clear, set), masked as a client must.
+        await stream.send_all(_frame(0x1, b"con", fin=False) + _frame(0x0, b"nec", fin=False)
+                              + _frame(0x0, b"ted", fin=True))
+        await wait_for(outcomes)
+        await stream.aclose()
     assert received == ["connected"]
 
 
 async def test_a_ping_is_answered_with_a_pong():
-    async def read_forever(socket: MediaSocket) -> None:
-        while True:
-            await socket.get_message()
-
-    with trio.fail_after(GUARD_S):
-        async with trio.open_nursery() as nursery:
-            port, _ = await serve(nursery, read_forever)
-            async with dial(port) as ws:
-                await ws.ping(b"are you there")  # returns once the matching pong came back
-            nursery.cancel_scope.cancel()
+    async with served(read_forever) as (port, _), dial(port) as ws:
+        await ws.ping(b"are you there")  # returns once the matching pong came back
 
 
 async def test_the_peers_close_is_echoed_and_ends_get_message_with_its_code_and_reason():
-    async def read_forever(socket: MediaSocket) -> None:
-        while True:
-            await socket.get_message()
-
-    with trio.fail_after(GUARD_S):
-        async with trio.open_nursery() as nursery:
-            port, outcomes = await serve(nursery, read_forever)
-            async with dial(port) as ws:
-                await ws.aclose(code=4001, reason="caller hung up")
-            while not outcomes:
-                await trio.sleep(0.01)
-            nursery.cancel_scope.cancel()
+    async with served(read_forever) as (port, outcomes):
+        async with dial(port) as ws:
+            await ws.aclose(code=4001, reason="caller hung up")
+        await wait_for(outcomes)
     assert ws.closed.code == 4001  # the client's close handshake completed: the server echoed it
     assert (outcomes[0].code, outcomes[0].reason) == (4001, "caller hung up")
 
@@ -123,54 +120,36 @@ async def test_the_servers_close_carries_its_code_and_reason_to_the_peer():
         with pytest.raises(trio_websocket.ConnectionClosed):
             await socket.send_message("too late")
 
-    with trio.fail_after(GUARD_S):
-        async with trio.open_nursery() as nursery:
-            port, outcomes = await serve(nursery, hang_up)
-            async with dial(port) as ws:
-                await ws.send_message("stop")
-                with pytest.raises(trio_websocket.ConnectionClosed) as closed:
-                    await ws.get_message()
-            nursery.cancel_scope.cancel()
+    async with served(hang_up) as (port, outcomes), dial(port) as ws:
+        await ws.send_message("stop")
+        with pytest.raises(trio_websocket.ConnectionClosed) as closed:
+            await ws.get_message()
     assert (closed.value.reason.code, closed.value.reason.reason) == (1000, "bye")
     assert outcomes == ["returned"]
 
 
 async def test_a_message_over_the_cap_closes_with_1009():
-    async def read_forever(socket: MediaSocket) -> None:
-        while True:
-            await socket.get_message()
-
-    with trio.fail_after(GUARD_S):
-        async with trio.open_nursery() as nursery:
-            port, outcomes = await serve(nursery, read_forever)
-            async with dial(port) as ws:
-                await ws.send_message("x" * (CAP + 1))
-                with pytest.raises(trio_websocket.ConnectionClosed) as closed:
-                    await ws.get_message()
-            nursery.cancel_scope.cancel()
+    async with served(read_forever) as (port, outcomes):
+        async with dial(port) as ws:
+            await ws.send_message("x" * (CAP + 1))
+            with pytest.raises(trio_websocket.ConnectionClosed) as closed:
+                await ws.get_message()
+        await wait_for(outcomes)
     assert closed.value.reason.code == 1009
     assert outcomes[0].code == 1009
 
 
 async def test_a_peer_that_drops_tcp_ends_get_message_with_1006_and_leaves_no_task_behind():
-    async def read_forever(socket: MediaSocket) -> None:
-        while True:
-            await socket.get_message()
-
-    with trio.fail_after(GUARD_S):
-        async with trio.open_nursery() as nursery:
-            port, outcomes = await serve(nursery, read_forever)
-            tasks_before = count_tasks()
-            stream = await trio.open_tcp_stream("127.0.0.1", port)
-            await _handshake(stream)
-            await stream.send_all(_frame(0x1, b"hello", fin=True))
-            await stream.aclose()  # no close frame
-            while not outcomes:
-                await trio.sleep(0.01)
-            # trio-websocket's connection (its parked reader included) ends with the handler.
-            while count_tasks() > tasks_before:
-                await trio.sleep(0.01)
-            nursery.cancel_scope.cancel()
+    async with served(read_forever) as (port, outcomes):
+        tasks_before = count_tasks()
+        stream = await trio.open_tcp_stream("127.0.0.1", port)
+        await _handshake(stream)
+        await stream.send_all(_frame(0x1, b"hello", fin=True))
+        await stream.aclose()  # no close frame
+        await wait_for(outcomes)
+        # trio-websocket's connection (its parked reader included) ends with the handler.
+        while count_tasks() > tasks_before:
+            await trio.sleep(0.01)
     assert outcomes[0].code == 1006
 
 
