@@ -102,12 +102,17 @@ _SSE_TEXT = st.lists(st.sampled_from(["data: x", "data: ü", ": ping", "data", "
 
 
 @given(_SSE_TEXT, st.lists(st.integers(min_value=0, max_value=60), max_size=8))
-def test_chunks_decode_as_the_same_text_split_into_lines(lines_and_ends, cuts):
+def test_however_the_body_is_cut_into_chunks_the_events_are_those_of_the_whole_body(lines_and_ends, cuts):
     lines, ends = lines_and_ends
     text = "".join(line + end for line, end in zip(lines, ends))
     bounds = sorted({0, len(text), *(c for c in cuts if c < len(text))})
     pieces = [text[a:b] for a, b in zip(bounds, bounds[1:])]
-    assert decode_chunks(pieces) == decode([line + end for line, end in zip(lines, ends)])
+    assert decode_chunks(pieces) == decode_chunks([text])
+
+
+def test_the_whole_body_in_one_chunk_decodes_as_its_lines():
+    text = "data: a\r\n\r\n: ping\rdata: b\ndata: c\n\ndata: [DONE]\r\n\r\n"
+    assert decode_chunks([text]) == decode(["data: a", "", ": ping", "data: b", "data: c", "", "data: [DONE]", ""])
 
 
 # --- parse_chat_event -----------------------------------------------------------------
