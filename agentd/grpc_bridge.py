@@ -261,7 +261,8 @@ class GrpcBridge:
         """
         assert self._loop is not None
         while True:
-            await self._outbox_filled.park()
+            if not self._outbox:  # calls made before this task first ran are already waiting
+                await self._outbox_filled.park()
             await trio.sleep(OUTBOX_DELAY_S)
             batch, self._outbox = self._outbox, collections.deque()
             self._loop.call_soon_threadsafe(_run_all, batch)
