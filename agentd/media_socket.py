@@ -1,16 +1,17 @@
 """A call's WebSocket once the handshake is done: one reader, one writer, no task in between.
 
-trio-websocket does the opening handshake (path, headers, reject with a
-status, the 101 answer). For the data phase it would run a reader task per
-connection that parses frames and hands each message to ``get_message``
+The front door judges the upgrade request and trio-websocket answers it with
+the 101 (agentd.wsconn). For the data phase trio-websocket would run a
+reader task per connection that parses frames and hands each message to ``get_message``
 through a memory channel: two task switches and a channel per 20 ms media
 message. At 100 calls that hop was a third of agentd's CPU (bench/RESULTS.md),
 so after the handshake a call reads and writes frames itself: ``MediaSocket``
 drives a ``wsproto`` frame-level connection straight on the TCP stream, in
 the task that calls ``get_message``.
 
-The handover. Each accepted TCP stream reaches trio-websocket wrapped in a
-``HandoverStream`` (``handover_stream``, in agentd.wsconn). ``accepted(request)`` first parks trio-websocket's reader
+The handover. Each admitted stream reaches trio-websocket wrapped in a
+``HandoverStream`` (``handover_stream``, called by agentd.wsconn).
+``accepted(request)`` first parks trio-websocket's reader
 (its pending read is cancelled before any byte arrives: a client sends no
 frame before the 101), then lets trio-websocket send the 101, then gives the
 stream to a ``MediaSocket``. When the call ends the socket closes the
@@ -19,9 +20,11 @@ trio-websocket's own bookkeeping ends as for a dropped peer.
 
 The surface is the slice of ``trio_websocket.WebSocketConnection`` a call
 uses (``get_message``, ``send_message``, ``aclose``), with its exceptions
-(``ConnectionClosed`` carrying a ``CloseReason``) and its transport limits:
-a message over ``max_message_size`` closes with 1009, a peer's ping is
-answered, a peer's close is echoed.
+(``ConnectionClosed`` carrying a ``CloseReason``) and agentd.wsconn's
+transport rules: a message over ``max_message_size`` UTF-8 bytes closes with
+1009, a text frame that is not UTF-8 with 1007 (the code is sent, not just
+the TCP connection closed), a peer's ping is answered, a peer's close is
+echoed.
 """
 
 from __future__ import annotations
