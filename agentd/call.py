@@ -379,6 +379,13 @@ class Call:
         if action.reply in self._turns:
             self._close_turn(action.reply, interrupted=True, resumes_turn=action.resumes_turn)
 
+    def _revise_turn(self, action: fsm.ReviseTurn) -> None:
+        """The final for words answered early: history (and the turn record) say what was said."""
+        self.history = self.history.turn_revised(action.was, action.text)
+        turn = self._turns.get(action.reply)
+        if turn is not None and turn.caller_text == action.was:
+            turn.caller_text = action.text
+
     def _reply_finished(self, action: fsm.ReplyFinished) -> None:
         if action.marks_lost:
             log.warning("call=%s reply %d: marks never came back; assuming playback ended",
@@ -468,6 +475,7 @@ _ACTIONS: dict[type, Callable[[Call, fsm.Action], None]] = {
     fsm.SayFiller: Call._say_filler,
     fsm.StopPlayback: Call._stop_playback,
     fsm.CancelReply: Call._cancel_reply,
+    fsm.ReviseTurn: Call._revise_turn,
     fsm.ReplyFinished: Call._reply_finished,
     fsm.TranscribeFallback: Call._transcribe,
     fsm.PlayGoodbye: Call._play_goodbye,

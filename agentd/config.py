@@ -211,7 +211,7 @@ class TurnConfig:
     early_finalize_enabled: bool = True
     strong_punct_min_chars: int = _opt(12, lo=1)
     strong_bare_min_chars: int = _opt(18, lo=1)
-    strong_bare_silence_s: float = _opt(0.5, _SECONDS)  # FSM wiring: issue 11, phase 2
+    strong_bare_silence_s: float = _opt(0.5, _SECONDS)
     dtmf_digit_timeout_ms: int = _opt(3000, _TIMEOUT_MS)
     idle_reprompt_s: float = _opt(8.0, lo=1)
     idle_max_reprompts: int = _opt(2, lo=0)

@@ -30,12 +30,17 @@ driver records. Every timeout of the call is here, including the filler and
 the wait for Twilio's last mark.
 
 Transcripts: results whose audio ends before the last commit belong to a turn
-already answered (Google's late final for a partial we committed on); they are
-dropped by comparing ``audio_end_at`` with the commit time.
+already answered (found by comparing ``audio_end_at`` with the commit time).
+Only one matters: Google's late final for words answered on an interim result,
+which revises them in history (``ReviseTurn``); it is never answered again.
 
-Latency: a "strong" transcript (long enough, or punctuated; never ending on a
-dangling particle) ends the turn after the VAD hangover instead of the full
-silence rule (early finalize). A transcript that holds still for
+Latency: a "strong" transcript ends the turn before the full silence rule
+(early finalize): a punctuated sentence after the VAD hangover, long words
+without punctuation after ``strong_bare_silence_s``, words that stop
+mid-phrase never. A turn its words ended is answered at once, without waiting
+for the final. A caller who goes on before the reply plays continues the same
+turn: the reply is cancelled at their first new words, so no answer to half a
+turn is ever heard. A transcript that holds still for
 ``spec_stable_s`` starts a *draft* reply (``StartReply(draft=True)``): the LLM
 thinks while the caller may still be talking, nothing plays. At the end of the
 turn a draft built on the same words is adopted (``AdoptDraft``), any other is
@@ -50,16 +55,17 @@ the caller cannot interrupt, and ends the call with ``EndCall``.
 
 from __future__ import annotations
 
+import math
 import random
 import sys
 import typing
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from agentd import text as textrules
 from agentd.fsm_events import (
     GOODBYE, Action, AdoptDraft, BeginPlayback, CallStarted, CancelReply, EndCall, Event, Final, FsmError,
     Hangup, Partial, PlaybackDone, PlayGoodbye, PlayGreeting, ReplyAudioReady, ReplyFinished, ReplyQueued,
-    SayFiller, SpeechEnded, SpeechStarted, StartReply, State, StopPlayback, SttLost, SttReady, Tick, Timer,
+    ReviseTurn, SayFiller, SpeechEnded, SpeechStarted, StartReply, State, StopPlayback, SttLost, SttReady, Tick, Timer,
     TranscribeFallback, TurnSettings, WindDown,
 )
 from agentd.speculation import Speculation
@@ -67,7 +73,7 @@ from agentd.speculation import Speculation
 __all__ = [
     "GOODBYE", "Action", "AdoptDraft", "BeginPlayback", "CallFSM", "CallStarted", "CancelReply", "EndCall",
     "Event", "Final", "FsmError", "Hangup", "Partial", "PlayGoodbye", "PlayGreeting", "PlaybackDone",
-    "ReplyAudioReady", "ReplyFinished", "ReplyQueued", "SayFiller", "SpeechEnded", "SpeechStarted",
+    "ReplyAudioReady", "ReplyFinished", "ReplyQueued", "ReviseTurn", "SayFiller", "SpeechEnded", "SpeechStarted",
     "StartReply", "State", "StopPlayback", "SttLost", "SttReady", "Tick", "Timer", "TranscribeFallback",
     "TurnSettings", "WindDown", "mermaid",
 ]
@@ -110,6 +116,8 @@ class _Turn:
     end_at: float = 0.0
     silence_s: float = 0.0  # the silence the end-of-turn rule demanded
     fallbacks: tuple[str, ...] = ()
+    finals: tuple[str, ...] = ()  # the closed segments among ``text``
+    partial: str = ""  # its last words, still an interim of a segment the recogniser keeps open
 
 
 # ------------------------------------------------------------------- FSM ---
@@ -137,6 +145,7 @@ class CallFSM:
         self._last_words_at = float("-inf")  # when the recognizer last heard words
         self._awaiting_words = False  # sustained speech that may interrupt once words are heard
         self._eot_silence = 0.0
+        self._eot_strong = False  # the strong-transcript rule set the end of turn: commit at once
         self._end_reason = ""
 
     def __repr__(self) -> str:
@@ -276,10 +285,8 @@ class CallFSM:
         self._timers.pop(Timer.BARGE_IN, None)
         self._awaiting_words = False
 
-    def _record_result(self, event: Partial | Final) -> bool:
-        """Add a transcript result unless it belongs to a turn already answered."""
-        if event.audio_end_at <= self._turn.at:
-            return False
+    def _record_result(self, event: Partial | Final) -> None:
+        """Add a transcript result of the open turn (callers check ``_is_late`` first)."""
         if event.text.strip():
             self._last_words_at = event.at
         if isinstance(event, Final):
@@ -288,7 +295,23 @@ class CallFSM:
             self._transcript.partial = ""
         else:
             self._transcript.partial = event.text.strip()
-        return True
+
+    def _is_late(self, event: Partial | Final) -> bool:
+        """The result's audio ended before the last commit: it belongs to a turn already answered."""
+        return event.audio_end_at <= self._turn.at
+
+    def _late_result(self, event: Partial | Final) -> list[Action]:
+        """A result of the answered turn. Its final replaces the interim words that were
+        answered (history must say what the caller said); it never asks for a second answer."""
+        turn = self._turn
+        if not isinstance(event, Final) or not turn.partial:
+            return []
+        words = event.text.strip()
+        finals = (*turn.finals, words) if words else turn.finals
+        self._turn = replace(turn, text=" ".join(finals), finals=finals, partial="")
+        if self._turn.text == turn.text:
+            return []
+        return [ReviseTurn(reply=self._reply, was=turn.text, text=self._turn.text)]
 
     def _heard_words_since_speech(self) -> bool:
         return self._utt is not None and self._last_words_at >= self._utt.start_at
@@ -319,6 +342,8 @@ class CallFSM:
 
     def _words_over_audio(self, event: Partial | Final) -> list[Action]:
         """Words may be what a sustained interruption was waiting for."""
+        if self._is_late(event):
+            return self._late_result(event)
         self._record_result(event)
         if self._awaiting_words and self._heard_words_since_speech():
             return self._interrupt_playback(event.at)
@@ -327,22 +352,42 @@ class CallFSM:
     # -- barge-in before we speak (THINKING, HOLDING) -----------------------
 
     def _interrupt_thinking(self, when: float) -> list[Action]:
-        """The caller kept talking before we spoke: the answered words rejoin the turn."""
+        """Sustained speech before we spoke: the caller is taking the turn back."""
         if not self._interrupt_confirmed():
             return []
-        if self._turn.text:
-            self._transcript.finals.insert(0, self._turn.text)
-        if self._utt is not None:
-            self._utt.start_at = self._turn.start_at
-        reply = self._reply
-        self._listen_again()
-        return [CancelReply(reply=reply, resumes_turn=True)]
+        return self._resume_turn(when)
 
     def _words_while_thinking(self, event: Partial | Final) -> list[Action]:
+        """New words before the reply plays: the caller only paused, so the turn goes on
+        at once (a reply built on half a turn must never play)."""
+        if self._is_late(event):
+            return self._late_result(event)
         self._record_result(event)
-        if self._awaiting_words and self._heard_words_since_speech():
-            return self._interrupt_thinking(event.at)
-        return []
+        return self._resume_turn(event.at) if event.text.strip() else []
+
+    def _resume_turn(self, now: float) -> list[Action]:
+        """Back to LISTENING with the answered words in front of the new ones.
+
+        Answered words that were still an interim of an open segment are not
+        put back when the new words repeat them: that is the recogniser's next
+        result for the same segment. Speculation restarts on the whole transcript.
+        """
+        turn, reply = self._turn, self._reply
+        fresh = self._transcript.text()
+        kept = turn.finals
+        if not fresh:
+            self._transcript.partial = turn.partial  # the next result of its segment replaces it
+        elif turn.partial and not _repeats(fresh, turn.partial):
+            kept = (*kept, turn.partial)
+        self._transcript.finals[:0] = kept
+        if self._utt is None:  # words the VAD missed
+            self._utt = _Utterance(start_at=turn.start_at, voiced=False, end_at=now)
+        self._utt.start_at = turn.start_at
+        self._turn = _Turn(at=turn.start_at)  # its late final now belongs to the open turn
+        self._listen_again()
+        self._watch_for_draft(now)
+        self._arm_end_of_turn(now)
+        return [CancelReply(reply=reply, resumes_turn=True)]
 
     # -- end of a playback (GREETING, SPEAKING, CLOSING) --------------------
 
@@ -372,8 +417,11 @@ class CallFSM:
     # -- REFRACTORY --------------------------------------------------------
 
     def _refractory_result(self, event: Partial | Final) -> list[Action]:
-        if not self._record_result(event) or not event.text.strip():
-            return []  # stale, or no words (Google's empty finals): keep the window
+        if self._is_late(event):
+            return self._late_result(event)
+        self._record_result(event)
+        if not event.text.strip():
+            return []  # no words (Google's empty finals): keep the window
         if self._utt is None:
             self._utt = _Utterance(start_at=event.at, voiced=False, end_at=event.at)
         return self._open_listening(event.at)
@@ -396,31 +444,44 @@ class CallFSM:
         self._release_speech(event)
         self._arm_end_of_turn(event.at)
 
-    def _listening_result(self, event: Partial | Final) -> None:
-        if not self._record_result(event):
-            return None
+    def _listening_result(self, event: Partial | Final) -> list[Action]:
+        if self._is_late(event):
+            return self._late_result(event)
+        self._record_result(event)
         if self._utt is None:  # words the VAD missed: a quiet caller
             self._utt = _Utterance(start_at=event.at, voiced=False, end_at=event.at)
         self._watch_for_draft(event.at)
         if not self._utt.voiced:
             self._arm_end_of_turn(event.at)  # strong words may pull it in, but never before they came
-        return None
+        return []
 
     def _arm_end_of_turn(self, now: float) -> None:
         utt = self._utt
         if utt is None or utt.voiced or utt.end_at is None:
             return
-        deadline = utt.end_at + self._silence_needed(utt)
-        if self.settings.early_finalize and self._is_strong(self._transcript.text()):
-            deadline = min(deadline, utt.end_at + self.settings.hangover_s)
-        self._eot_silence = deadline - utt.end_at
-        self._timers[Timer.END_OF_TURN] = max(deadline, now)
+        silence = self._silence_needed(utt)
+        early = self._strong_silence(self._transcript.text())
+        self._eot_strong = math.isfinite(early)  # the words look complete: no need to wait for their final
+        self._eot_silence = min(silence, early)
+        self._timers[Timer.END_OF_TURN] = max(utt.end_at + self._eot_silence, now)
 
-    def _is_strong(self, text: str) -> bool:
+    def _strong_silence(self, text: str) -> float:
+        """The silence that ends a turn on these words by their look alone (inf: none does).
+
+        A punctuated sentence needs only the VAD hangover; a long unpunctuated one
+        waits ``strong_bare_silence_s``, because a caller who hesitates mid-sentence
+        leaves exactly such a partial behind; one that stops mid-phrase never counts.
+        """
         s = self.settings
-        return textrules.is_strong_partial(
-            text, punct_min_chars=s.strong_punct_min_chars, bare_min_chars=s.strong_bare_min_chars
-        )
+        if not s.early_finalize:
+            return float("inf")
+        strength = textrules.partial_strength(
+            text, punct_min_chars=s.strong_punct_min_chars, bare_min_chars=s.strong_bare_min_chars)
+        if strength is textrules.Strength.PUNCTUATED:
+            return s.hangover_s
+        if strength is textrules.Strength.BARE:
+            return max(s.hangover_s, s.strong_bare_silence_s)
+        return float("inf")
 
     def _end_of_turn(self, when: float) -> list[Action]:
         utt = self._utt
@@ -452,12 +513,15 @@ class CallFSM:
             return [TranscribeFallback(speech_start_at=utt.start_at, speech_end_at=utt.end_at or now)]
         if self._transcript.finals and not self._transcript.partial:
             return self._commit(now)
+        if self._eot_strong and self._transcript.text():
+            return self._commit(now)  # the words ended the turn: their final only revises history
         self._timers[Timer.FINAL_WAIT] = now + self.settings.final_timeout_s
         return []
 
     def _finalizing_result(self, event: Partial | Final) -> list[Action]:
-        if not self._record_result(event):
-            return []
+        if self._is_late(event):
+            return self._late_result(event)
+        self._record_result(event)
         self._watch_for_draft(event.at)
         if isinstance(event, Final) and not self._transcript.partial:
             if not self._transcript.text():
@@ -499,7 +563,8 @@ class CallFSM:
         assert utt is not None
         self._turn = _Turn(at=now, text=self._transcript.text(), start_at=utt.start_at,
                            end_at=utt.end_at if utt.end_at is not None else now, silence_s=self._eot_silence,
-                           fallbacks=("stt_recognize",) if self._via_fallback else ())
+                           fallbacks=("stt_recognize",) if self._via_fallback else (),
+                           finals=tuple(self._transcript.finals), partial=self._transcript.partial)
         outcome, draft = self.spec.settle(self._turn.text)
         self._enter(State.THINKING)
         self._drop_utterance()
@@ -754,6 +819,11 @@ for _event in typing.get_args(Event):
     if _event not in (CallStarted, Tick):
         _TABLE[E, _event] = _Row(_._ignore)  # the call is over; stragglers are harmless
 del _, _state, _event
+
+
+def _repeats(fresh: str, answered: str) -> bool:
+    """Do the new words start with the answered interim (the same segment, grown)?"""
+    return textrules.normalize_for_match(fresh).startswith(textrules.normalize_for_match(answered))
 
 
 def _name(key: type | Timer) -> str:

@@ -226,6 +226,16 @@ class CancelReply:
 
 
 @dataclass(**_EV)
+class ReviseTurn:
+    """The recogniser's late final for a turn answered on its interim words: the
+    caller said ``text`` where history has ``was`` (no second answer follows)."""
+
+    reply: int
+    was: str
+    text: str
+
+
+@dataclass(**_EV)
 class ReplyFinished:
     """Reply ``reply`` has played to the end (``marks_lost``: assumed so, its marks never came back)."""
 
@@ -255,7 +265,7 @@ class EndCall:
 
 Action = (
     PlayGreeting | StartReply | AdoptDraft | BeginPlayback | SayFiller | StopPlayback | CancelReply
-    | ReplyFinished | TranscribeFallback | PlayGoodbye | EndCall
+    | ReviseTurn | ReplyFinished | TranscribeFallback | PlayGoodbye | EndCall
 )
 
 
@@ -288,6 +298,7 @@ class TurnSettings:
     early_finalize: bool
     strong_punct_min_chars: int
     strong_bare_min_chars: int
+    strong_bare_silence_s: float  # the silence that ends a turn on a long transcript without punctuation
     spec_enabled: bool
     spec_min_chars: int
     spec_stable_s: float
@@ -311,7 +322,8 @@ class TurnSettings:
             barge_in_guard_s=t.barge_in_guard_ms / 1000, barge_in_confirm_s=vad.hangover_ms / 1000,
             barge_in_requires_words=t.barge_in_requires_words, greeting_barge_in=t.greeting_barge_in,
             early_finalize=t.early_finalize_enabled, strong_punct_min_chars=t.strong_punct_min_chars,
-            strong_bare_min_chars=t.strong_bare_min_chars, spec_enabled=spec.enabled,
+            strong_bare_min_chars=t.strong_bare_min_chars, strong_bare_silence_s=t.strong_bare_silence_s,
+            spec_enabled=spec.enabled,
             spec_min_chars=spec.min_chars, spec_stable_s=spec.stable_ms / 1000, spec_wait_s=spec.wait_ms / 1000,
             spec_voice_draft=spec.synthesize_draft, streaming_stt=stt.streaming_enabled,
             filler_after_s=config.llm.filler_after_ms / 1000, mark_timeout_s=config.audio.mark_timeout_ms / 1000,

@@ -3,7 +3,8 @@
 Messages are OpenAI-format dicts (``{"role": ..., "content": ...}``), so other
 kinds of message (tool calls and their results) can join later without a new
 shape. The call driver replaces its ``History`` as actions happen: a turn taken
-adds the caller's words, a reply that ends adds what the caller actually
+adds the caller's words (revised when the recogniser's final for words
+answered early comes in), a reply that ends adds what the caller actually
 heard of it, and a reply cancelled because the caller kept talking takes the
 caller's words back out (they rejoin the turn still going on).
 """
@@ -34,6 +35,16 @@ class History:
         """The caller kept talking before the reply to ``text`` was heard: take ``text`` back."""
         if self.messages and self.messages[-1] == {"role": "user", "content": text}:
             return History(self.messages[:-1])
+        return self
+
+    def turn_revised(self, was: str, text: str) -> History:
+        """The caller's latest turn ``was`` turned out to be ``text`` (the recogniser's final)."""
+        for i in range(len(self.messages) - 1, -1, -1):
+            if self.messages[i].get("role") == "user":
+                if self.messages[i] != {"role": "user", "content": was}:
+                    return self
+                revised = {"role": "user", "content": text}
+                return History((*self.messages[:i], revised, *self.messages[i + 1:]))
         return self
 
     def recent(self, turns: int) -> tuple[Mapping[str, str], ...]:

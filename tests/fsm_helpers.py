@@ -78,7 +78,7 @@ def thinking_fsm(now: float = 14.0, text: str = "what time do you open", **setti
     fsm = listening_fsm(now=now - 2.0, **settings)
     fsm.handle(SpeechStarted(at=now - 1.5))
     fsm.handle(SpeechEnded(at=now - 0.5))
-    fsm.handle(Final(at=now - 0.3, text=text, audio_end_at=now - 0.5))
+    fsm.handle(Final(at=now - 0.2, text=text, audio_end_at=now - 0.5))
     assert fsm.handle(Tick(at=now)) == [
         StartReply(reply=1, text=text, speech_start_at=now - 1.5, speech_end_at=now - 0.5)
     ]

@@ -100,15 +100,17 @@ def test_the_same_short_words_without_punctuation_wait_the_full_silence():
     assert fsm.required_silence_s == approx(0.5)
 
 
-def test_early_finalize_ends_a_long_hebrew_turn_without_punctuation():
+def test_a_long_hebrew_turn_without_punctuation_ends_after_the_bare_silence():
+    """Without sentence punctuation the caller may be hesitating mid-sentence, so the words
+    earn strong_bare_silence_s (0.5), not the hangover; still far less than the 1.8 s rule."""
     words = "אני רוצה להזמין שולחן לארבעה"  # 28 chars, no punctuation (Hebrew STT rarely adds any)
     fsm = listening_fsm(now=10.0, **EARLY)
-    fsm.handle(SpeechStarted(at=10.5))
-    fsm.handle(Final(at=11.4, text=words, audio_end_at=11.4))
-    fsm.handle(SpeechEnded(at=11.5))
-    assert fsm.next_deadline() == approx(11.72)
-    assert at_deadline(fsm) == [StartReply(reply=1, text=words, speech_start_at=10.5, speech_end_at=11.5)]
-    assert fsm.required_silence_s == approx(0.22)
+    fsm.handle(SpeechStarted(at=10.2))
+    fsm.handle(Final(at=12.4, text=words, audio_end_at=12.4))
+    fsm.handle(SpeechEnded(at=12.5))  # 2.3 s: the full rule would want 1.8 s
+    assert fsm.next_deadline() == approx(13.0)
+    assert at_deadline(fsm) == [StartReply(reply=1, text=words, speech_start_at=10.2, speech_end_at=12.5)]
+    assert fsm.required_silence_s == approx(0.5)
 
 
 def test_early_finalize_also_cuts_the_long_silence_of_a_long_utterance():
@@ -182,33 +184,33 @@ def test_a_strong_partial_arriving_in_the_silence_pulls_the_end_of_turn_in():
     fsm.handle(SpeechStarted(at=10.5))
     fsm.handle(SpeechEnded(at=11.5))
     assert fsm.next_deadline() == approx(12.0)
-    assert fsm.handle(Partial(at=11.6, text="what time do you open tomorrow", audio_end_at=11.5)) == []
+    assert fsm.handle(Partial(at=11.6, text="what time do you open tomorrow?", audio_end_at=11.5)) == []
     assert fsm.next_deadline() == approx(11.72)
-    assert at_deadline(fsm) == []
-    assert fsm.state is F  # a partial: the final may still differ
-    assert fsm.handle(Final(at=11.8, text="what time do you open tomorrow", audio_end_at=11.5)) == [
-        StartReply(reply=1, text="what time do you open tomorrow", speech_start_at=10.5, speech_end_at=11.5)
+    assert at_deadline(fsm) == [  # a partial, but its words ended the turn: no wait for the final
+        StartReply(reply=1, text="what time do you open tomorrow?", speech_start_at=10.5, speech_end_at=11.5)
     ]
+    assert fsm.state is T
     assert fsm.required_silence_s == approx(0.22)
 
 
 def test_a_strong_partial_arriving_after_the_hangover_ends_the_turn_as_of_its_arrival():
     """The recogniser is slower than the VAD: the words come when the hangover is long over.
     The end of turn is due at once, but not before the words that justify it (causality),
-    so the wait for the final counts from their arrival."""
+    so the turn is committed as of their arrival."""
     fsm = listening_fsm(now=10.0, **EARLY)
     fsm.handle(SpeechStarted(at=10.5))
     fsm.handle(SpeechEnded(at=11.5))
-    assert fsm.handle(Partial(at=11.8, text="what time do you open tomorrow", audio_end_at=11.5)) == []
+    assert fsm.handle(Partial(at=11.8, text="what time do you open tomorrow?", audio_end_at=11.5)) == []
     assert fsm.next_deadline() == approx(11.8)
-    assert at_deadline(fsm) == []
-    assert fsm.state is F
-    assert fsm.next_deadline() == approx(11.8 + 0.32)
+    assert at_deadline(fsm) == [
+        StartReply(reply=1, text="what time do you open tomorrow?", speech_start_at=10.5, speech_end_at=11.5)
+    ]
+    assert fsm.state is T
 
 
 def test_a_weaker_partial_in_the_silence_pushes_the_end_of_turn_back_out():
     fsm = listening_fsm(now=10.0, **EARLY)
-    spoken_turn(fsm, "what time do you open tomorrow")
+    spoken_turn(fsm, "what time do you open tomorrow?")
     assert fsm.next_deadline() == approx(11.72)
     assert fsm.handle(Partial(at=11.6, text="what time do you open tomorrow and", audio_end_at=11.5)) == []
     assert fsm.next_deadline() == approx(12.0)
@@ -216,20 +218,20 @@ def test_a_weaker_partial_in_the_silence_pushes_the_end_of_turn_back_out():
 
 def test_a_caller_resuming_while_finalizing_continues_the_same_turn():
     fsm = listening_fsm(now=10.0, **EARLY)
-    spoken_turn(fsm, "I'd like to book a table.")
-    assert at_deadline(fsm) == []  # 11.72: early end of turn, waiting for the final
+    spoken_turn(fsm, "I'd like a table")  # weak: too short without punctuation
+    assert at_deadline(fsm) == []  # 12.0: the full silence, waiting for the final
     assert fsm.state is F
-    assert fsm.handle(SpeechStarted(at=11.9)) == []  # "... for four people tonight"
+    assert fsm.handle(SpeechStarted(at=12.1)) == []  # "... for four people tonight"
     assert fsm.state is L
     assert fsm.next_deadline() == INF  # the final timeout died with FINALIZING
-    assert fsm.handle(Final(at=12.0, text="I'd like to book a table.", audio_end_at=11.5)) == []
+    assert fsm.handle(Final(at=12.2, text="I'd like a table", audio_end_at=11.5)) == []
     assert fsm.state is L  # the caller is talking: a final is not the end of the turn
-    fsm.handle(Partial(at=12.6, text="for four people tonight", audio_end_at=12.6))
+    fsm.handle(Partial(at=12.6, text="for four people tonight.", audio_end_at=12.6))
     fsm.handle(SpeechEnded(at=12.8))
-    fsm.handle(Final(at=12.9, text="for four people tonight", audio_end_at=12.8))
-    assert fsm.next_deadline() == approx(13.02)  # still strong: the hangover again
+    fsm.handle(Final(at=12.9, text="for four people tonight.", audio_end_at=12.8))
+    assert fsm.next_deadline() == approx(13.02)  # punctuated: the hangover
     assert at_deadline(fsm) == [StartReply(
-        reply=1, text="I'd like to book a table. for four people tonight", speech_start_at=10.5, speech_end_at=12.8)]
+        reply=1, text="I'd like a table for four people tonight.", speech_start_at=10.5, speech_end_at=12.8)]
     assert fsm.state is T
 
 
@@ -605,7 +607,7 @@ def test_sustained_speech_before_an_adopted_draft_plays_cancels_it_and_resumes_t
     assert fsm.state is L
     assert fsm.transcript == FINAL_WORDS
     assert fsm.handle(ReplyAudioReady(at=12.5, reply=1)) == []
-    assert fsm.next_deadline() == INF
+    assert fsm.next_deadline() == approx(12.35 + 0.25)  # speculation restarts on the whole turn
 
 
 def test_losing_streaming_stt_while_finalizing_stops_the_stability_clock():
