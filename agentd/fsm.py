@@ -132,7 +132,7 @@ class CallFSM:
         self.path: tuple[State, ...] = ()  # states entered by the last handle(), in order
         self.streaming_stt = settings.streaming_stt
         self.spec = Speculation(min_chars=settings.spec_min_chars)
-        self.breath_s = 0.0  # the breath before the last playback (also in BeginPlayback)
+        self.breath_s = 0.0  # the pause the breath added before the last playback (also in BeginPlayback)
         self._rng = rng or random.Random()
         self._timers: dict[Timer, float] = {}
         self._utt: _Utterance | None = None
@@ -646,9 +646,16 @@ class CallFSM:
         return None
 
     def _arm_breath(self, now: float) -> None:
+        """Speak once the gap since the caller's last voiced frame is a breath long.
+
+        The breath keeps the agent from answering inhumanly fast; as a floor on
+        the gap (not a pause added after the audio is ready) it costs nothing
+        when the reply took longer than a breath anyway, which is almost always.
+        """
         s = self.settings
-        self.breath_s = self._rng.uniform(s.breath_min_s, s.breath_max_s)
-        self._timers[Timer.BREATH] = now + self.breath_s
+        due = max(now, self._turn.end_at + self._rng.uniform(s.breath_min_s, s.breath_max_s))
+        self.breath_s = due - now
+        self._timers[Timer.BREATH] = due
 
     def _say_filler(self, when: float) -> list[Action]:
         return [SayFiller(reply=self._reply)]

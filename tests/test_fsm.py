@@ -501,30 +501,39 @@ def test_a_late_final_of_the_answered_turn_does_not_commit_the_next_one():
 # thinking_fsm(now=14.0): reply 1 "what time do you open" committed at 14.0, speech 12.5 .. 13.5.
 
 
-def test_the_first_reply_audio_arms_a_breath_drawn_from_the_injected_rng():
-    fsm = thinking_fsm(now=14.0)
-    breath = random.Random(RNG_SEED).uniform(0.05, 0.12)
-    assert fsm.handle(ReplyAudioReady(at=14.8, reply=1)) == []
+def test_a_reply_ready_within_a_breath_of_the_callers_last_voiced_frame_waits_for_the_rest_of_it():
+    """The breath (drawn from the injected rng) is a floor on the gap after the caller's speech."""
+    fsm = thinking_fsm(now=14.0, breath_min_s=0.8, breath_max_s=1.2)  # the caller stopped at 13.5
+    breath = random.Random(RNG_SEED).uniform(0.8, 1.2)
+    assert fsm.handle(ReplyAudioReady(at=14.1, reply=1)) == []
     assert fsm.state is T
-    assert fsm.next_deadline() == approx(14.8 + breath)
-    assert fsm.handle(Tick(at=14.8 + breath - 0.001)) == []
+    assert fsm.next_deadline() == approx(13.5 + breath)
+    assert fsm.handle(Tick(at=13.5 + breath - 0.001)) == []
     assert fsm.state is T
     assert at_deadline(fsm) == [BeginPlayback(reply=1)]
     assert fsm.state is S
     assert fsm.next_deadline() == INF
 
 
+def test_a_reply_ready_after_a_breath_plays_at_once():
+    fsm = thinking_fsm(now=14.0)  # the caller stopped at 13.5; the breath is at most 0.12
+    assert fsm.handle(ReplyAudioReady(at=14.3, reply=1)) == []
+    assert fsm.next_deadline() == approx(14.3)
+    assert at_deadline(fsm) == [BeginPlayback(reply=1)]
+    assert fsm.state is S
+
+
 def test_the_breath_is_uniform_between_the_configured_bounds():
     class RecordingRandom(random.Random):
         def uniform(self, a: float, b: float) -> float:
             self.asked = (a, b)
-            return 0.3
+            return 0.9
 
     rng = RecordingRandom()
-    fsm = thinking_fsm(now=14.0, rng=rng, breath_min_s=0.2, breath_max_s=0.4)
-    fsm.handle(ReplyAudioReady(at=14.8, reply=1))
-    assert rng.asked == (0.2, 0.4)
-    assert fsm.next_deadline() == approx(15.1)
+    fsm = thinking_fsm(now=14.0, rng=rng, breath_min_s=0.8, breath_max_s=1.0)
+    fsm.handle(ReplyAudioReady(at=14.1, reply=1))
+    assert rng.asked == (0.8, 1.0)
+    assert fsm.next_deadline() == approx(14.4)
 
 
 def test_reply_audio_of_another_reply_does_not_start_playback():
@@ -995,7 +1004,6 @@ async def test_a_whole_turn_runs_under_trio_mock_clock(autojump_clock):
     ]
     log = await drive_under_trio_clock(fsm, script)
 
-    breath = random.Random(RNG_SEED).uniform(0.05, 0.12)
     assert log == [
         (0.0, "CallStarted", [PlayGreeting()], G),
         (3.0, "PlaybackDone", [ReplyFinished(reply=0)], R),
@@ -1007,7 +1015,7 @@ async def test_a_whole_turn_runs_under_trio_mock_clock(autojump_clock):
         (approx(6.5), "Tick",
          [StartReply(reply=1, text="do you deliver", speech_start_at=5.0, speech_end_at=6.0)], T),
         (7.0, "ReplyAudioReady", [], T),
-        (approx(7.0 + breath), "Tick", [BeginPlayback(reply=1)], S),
+        (7.0, "Tick", [BeginPlayback(reply=1)], S),  # a breath after 6.0 is long past
         (9.0, "PlaybackDone", [ReplyFinished(reply=1)], R),
         (approx(10.1), "Tick", [], L),
         (12.0, "Hangup", [], E),

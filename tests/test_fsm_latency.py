@@ -17,13 +17,11 @@ and checks state and actions after each event that matters. The last section
 runs the FSM under Trio's MockClock, the way the call driver does.
 
 Numbers used (seconds): silence 0.5 (utterance < 2 s) or 1.8, hangover 0.22,
-final timeout 0.32, strong = 12 chars with punctuation or 18 without;
+final timeout 0.32, strong = 12 chars with punctuation (hangover) or 18 without (0.5 s);
 spec: 14 normalized chars, stable 0.25, wait 0.4.
 """
 
 from __future__ import annotations
-
-import random
 
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
@@ -35,12 +33,11 @@ from agentd.fsm import (
     StopPlayback, SttReady, Tick, TranscribeFallback,
 )
 from agentd.text import normalize_for_match
-from fsm_helpers import drive_under_trio_clock, RNG_SEED, listening_fsm, new_fsm, tick_until_quiet
+from fsm_helpers import drive_under_trio_clock, listening_fsm, new_fsm, tick_until_quiet
 
 INF = float("inf")
 G, R, L, F, T, S, E = (State.GREETING, State.REFRACTORY, State.LISTENING, State.FINALIZING,
                        State.THINKING, State.SPEAKING, State.ENDED)
-BREATH = random.Random(RNG_SEED).uniform(0.05, 0.12)  # the first breath any fresh FSM draws
 #: The basic turn rules (the shipped config turns the features below on, and adds an echo
 #: guard, a barge-in confirmation, words before barge-in and a filler): each feature is
 #: specified on top of these, one at a time.
@@ -358,14 +355,12 @@ def test_a_hit_whose_draft_audio_is_already_ready_plays_it_after_one_breath():
     assert fsm.handle(ReplyAudioReady(at=11.4, reply=1)) == []
     fsm.handle(SpeechEnded(at=11.5))
     fsm.handle(Final(at=11.6, text=FINAL_WORDS, audio_end_at=11.5))
+    # The caller stopped at 11.5: a breath of silence has long passed, so the draft plays at once.
     assert fsm.handle(Tick(at=12.0)) == [
-        AdoptDraft(reply=1, text=FINAL_WORDS, speech_start_at=10.5, speech_end_at=11.5)
+        AdoptDraft(reply=1, text=FINAL_WORDS, speech_start_at=10.5, speech_end_at=11.5), BeginPlayback(reply=1)
     ]
-    assert fsm.state is T
     assert fsm.reply == 1
-    assert fsm.next_deadline() == approx(12.0 + BREATH)  # the breath starts at the commit
-    assert fsm.breath_s == approx(BREATH)
-    assert at_deadline(fsm) == [BeginPlayback(reply=1)]
+    assert fsm.breath_s == 0.0
     assert fsm.state is S
     assert fsm.spec_counts == counts(drafts=1, hits=1)
     assert fsm.handle(PlaybackDone(at=14.0, reply=1)) == [ReplyFinished(reply=1)]
@@ -377,8 +372,7 @@ def test_a_hit_waits_up_to_spec_wait_s_for_the_draft_audio():
     assert fsm.next_deadline() == approx(12.4)
     assert fsm.handle(Tick(at=12.37)) == []
     assert fsm.handle(ReplyAudioReady(at=12.38, reply=1)) == []
-    assert fsm.next_deadline() == approx(12.38 + BREATH)  # the wait is over; the breath runs
-    assert fsm.handle(Tick(at=12.4)) == []  # spec_wait no longer counts
+    assert fsm.next_deadline() == approx(12.38)  # the wait is over; the breath (after 11.5) is past
     assert at_deadline(fsm) == [BeginPlayback(reply=1)]
     assert fsm.state is S
     assert fsm.handle(Tick(at=13.0)) == []  # no late-draft timer survived
@@ -430,7 +424,7 @@ def test_a_draft_made_while_finalizing_can_still_be_adopted():
     assert fsm.handle(Final(at=12.25, text=FINAL_WORDS, audio_end_at=11.5)) == [
         AdoptDraft(reply=1, text=FINAL_WORDS, speech_start_at=10.5, speech_end_at=11.5)
     ]
-    assert fsm.next_deadline() == approx(12.25 + BREATH)
+    assert fsm.next_deadline() == approx(12.25)
 
 
 def test_the_stability_clock_keeps_running_when_the_caller_resumes_while_finalizing():
@@ -758,8 +752,8 @@ async def test_a_speculative_hit_runs_under_trio_mock_clock(autojump_clock):
         (6.0, "SpeechEnded", [], L),
         (6.1, "Final", [], L),
         (approx(6.22), "Tick",  # early finalize: strong words, one hangover of silence
-         [AdoptDraft(reply=1, text=FINAL_WORDS, speech_start_at=5.0, speech_end_at=6.0)], T),
-        (approx(6.22 + BREATH), "Tick", [BeginPlayback(reply=1)], S),
+         [AdoptDraft(reply=1, text=FINAL_WORDS, speech_start_at=5.0, speech_end_at=6.0),
+          BeginPlayback(reply=1)], S),  # its audio is ready and a breath after 6.0 has passed
         (8.0, "PlaybackDone", [ReplyFinished(reply=1)], R),
         (approx(9.1), "Tick", [], L),
         (10.0, "Hangup", [], E),

@@ -195,12 +195,19 @@ def test_the_queue_report_of_another_reply_arms_nothing():
 # ------------------------------------------------------ facts in actions ---
 
 
-def test_playback_carries_the_breath_it_waited():
+def test_playback_carries_the_pause_the_breath_added():
+    fsm = thinking_fsm(now=14.0, breath_min_s=0.8, breath_max_s=1.2)  # the caller stopped at 13.5
+    fsm.handle(ReplyAudioReady(at=14.1, reply=1))
+    [begin] = fsm.handle(Tick(at=fsm.next_deadline()))
+    assert begin == BeginPlayback(reply=1)
+    assert begin.breath_s == approx(13.5 + random.Random(RNG_SEED).uniform(0.8, 1.2) - 14.1)
+
+
+def test_playback_of_a_reply_slower_than_a_breath_carries_no_pause():
     fsm = thinking_fsm(now=14.0)
     fsm.handle(ReplyAudioReady(at=14.3, reply=1))
     [begin] = fsm.handle(Tick(at=fsm.next_deadline()))
-    assert begin == BeginPlayback(reply=1)
-    assert begin.breath_s == approx(random.Random(RNG_SEED).uniform(DEFAULTS.breath_min_s, DEFAULTS.breath_max_s))
+    assert begin.breath_s == 0.0
 
 
 def test_a_reply_carries_the_silence_the_end_of_turn_rule_demanded():
