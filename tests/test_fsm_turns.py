@@ -41,13 +41,19 @@ def at_deadline(fsm: CallFSM) -> list:
     return fsm.handle(Tick(at=fsm.next_deadline()))
 
 
-def answered(words: str, *, final: bool = False, end: float = 11.5) -> CallFSM:
-    """The caller spoke 10.5 .. ``end``; ``words`` (a partial unless ``final``) ended the turn."""
-    fsm = listening_fsm(now=10.0, **TURNS)
-    fsm.handle(SpeechStarted(at=10.5))
+def spoken(words: str, *, start: float = 10.5, end: float = 11.5, final: bool = False, **settings) -> CallFSM:
+    """The caller spoke ``start`` .. ``end``; ``words`` (a partial unless ``final``) came 0.1 s before the end."""
+    fsm = listening_fsm(now=10.0, **TURNS | settings)
+    fsm.handle(SpeechStarted(at=start))
     result = Final if final else Partial
     fsm.handle(result(at=end - 0.1, text=words, audio_end_at=end - 0.1))
     fsm.handle(SpeechEnded(at=end))
+    return fsm
+
+
+def answered(words: str, *, final: bool = False, end: float = 11.5) -> CallFSM:
+    """The caller spoke 10.5 .. ``end``; ``words`` (a partial unless ``final``) ended the turn."""
+    fsm = spoken(words, end=end, final=final)
     assert at_deadline(fsm) == [StartReply(reply=1, text=words, speech_start_at=10.5, speech_end_at=end)]
     assert fsm.state is T
     return fsm
@@ -57,10 +63,7 @@ def answered(words: str, *, final: bool = False, end: float = 11.5) -> CallFSM:
 
 
 def test_a_punctuated_partial_is_answered_one_hangover_after_the_last_voiced_frame():
-    fsm = listening_fsm(now=10.0, **TURNS)
-    fsm.handle(SpeechStarted(at=10.5))
-    fsm.handle(Partial(at=11.4, text="What time do you open tomorrow?", audio_end_at=11.4))
-    fsm.handle(SpeechEnded(at=11.5))
+    fsm = spoken("What time do you open tomorrow?")
     assert fsm.next_deadline() == approx(11.72)
     assert at_deadline(fsm) == [StartReply(
         reply=1, text="What time do you open tomorrow?", speech_start_at=10.5, speech_end_at=11.5)]
@@ -69,10 +72,7 @@ def test_a_punctuated_partial_is_answered_one_hangover_after_the_last_voiced_fra
 
 
 def test_a_weak_partial_still_waits_for_its_final():
-    fsm = listening_fsm(now=10.0, **TURNS)
-    fsm.handle(SpeechStarted(at=10.5))
-    fsm.handle(Partial(at=11.4, text="a table", audio_end_at=11.4))
-    fsm.handle(SpeechEnded(at=11.5))
+    fsm = spoken("a table")
     assert at_deadline(fsm) == []  # 12.0: the silence rule ended it, not the words
     assert fsm.state is F
     assert fsm.next_deadline() == approx(12.32)
@@ -170,10 +170,7 @@ def test_new_words_while_the_ready_reply_holds_for_the_caller_cancel_it():
 
 
 def test_sustained_speech_without_words_before_playback_resumes_the_answered_interim():
-    fsm = listening_fsm(now=10.0, **TURNS | dict(barge_in_requires_words=False))
-    fsm.handle(SpeechStarted(at=10.5))
-    fsm.handle(Partial(at=11.4, text="I'd like to book a table", audio_end_at=11.4))
-    fsm.handle(SpeechEnded(at=11.5))
+    fsm = spoken("I'd like to book a table", barge_in_requires_words=False)
     assert at_deadline(fsm)[0].reply == 1
     fsm.handle(SpeechStarted(at=12.1))
     assert at_deadline(fsm) == [CancelReply(reply=1, resumes_turn=True)]  # 12.4: barge-in, no words yet
@@ -206,71 +203,45 @@ def test_after_playback_began_sustained_speech_with_words_is_a_barge_in():
 # ============================================================ unfinished sentences
 
 
-@pytest.mark.parametrize("words", [
-    "I'd like to book a table for",
-    "Can I speak to the",
-    "I want the pasta and",
-    "I'm calling about a",
-    "אני רוצה להזמין שולחן ל",  # a bare prefix letter: "to ..."
-    "אני רוצה להזמין שולחן ו",  # "and ..."
-    "אני מחפש את הבחור ש",  # the relative ש: "the guy who ..."
-    "אני רוצה לדבר עם",  # "with"
-    "הזמנתי שולחן אבל",  # "but"
-    "אני רוצה להזמין שולחן לארבעה ו",
+WEAK, BARE, PUNCTUATED = 1.8, 0.5, 0.22  # the silence each kind of ending needs after 2.3 s of speech
+
+
+@pytest.mark.parametrize(("words", "silence"), [
+    ("I'd like to book a table for", WEAK),
+    ("Can I speak to the", WEAK),
+    ("I want the pasta and", WEAK),
+    ("I'm calling about a", WEAK),
+    ("אני רוצה להזמין שולחן ל", WEAK),  # a bare prefix letter: "to ..."
+    ("אני רוצה להזמין שולחן ו", WEAK),  # "and ..."
+    ("אני מחפש את הבחור ש", WEAK),  # the relative ש: "the guy who ..."
+    ("אני רוצה לדבר עם", WEAK),  # "with"
+    ("הזמנתי שולחן אבל", WEAK),  # "but"
+    ("אני רוצה להזמין שולחן לארבעה ו", WEAK),
+    ("I'd like to book a table tomorrow", BARE),
+    ("what time do you open on friday", BARE),
+    ("אני רוצה להזמין שולחן לארבעה", BARE),
+    ("מה שעות הפתיחה שלכם מחר", BARE),
+    ("I'd like to book a table.", PUNCTUATED),
+    ("Where are you from?", PUNCTUATED),  # a stranded preposition ends a question
+    ("אני רוצה להזמין שולחן לארבעה.", PUNCTUATED),
+    ("מה שעות הפתיחה שלכם מחר?", PUNCTUATED),
 ], ids=repr)
-def test_words_that_stop_mid_phrase_wait_the_whole_silence_rule(words):
-    fsm = listening_fsm(now=10.0, **TURNS)
-    fsm.handle(SpeechStarted(at=10.2))
-    fsm.handle(Partial(at=12.4, text=words, audio_end_at=12.4))
-    fsm.handle(SpeechEnded(at=12.5))  # 2.3 s of speech: the rule wants 1.8 s
-    assert fsm.next_deadline() == approx(14.3)
-
-
-@pytest.mark.parametrize("words", [
-    "I'd like to book a table tomorrow",
-    "what time do you open on friday",
-    "אני רוצה להזמין שולחן לארבעה",
-    "מה שעות הפתיחה שלכם מחר",
-], ids=repr)
-def test_words_without_sentence_punctuation_wait_the_bare_silence(words):
-    fsm = listening_fsm(now=10.0, **TURNS)
-    fsm.handle(SpeechStarted(at=10.2))
-    fsm.handle(Partial(at=12.4, text=words, audio_end_at=12.4))
-    fsm.handle(SpeechEnded(at=12.5))
-    assert fsm.next_deadline() == approx(13.0)
-    assert at_deadline(fsm)[0].text == words
-    assert fsm.required_silence_s == approx(0.5)
-
-
-@pytest.mark.parametrize("words", [
-    "I'd like to book a table.",
-    "Where are you from?",  # a stranded preposition ends a question
-    "אני רוצה להזמין שולחן לארבעה.",
-    "מה שעות הפתיחה שלכם מחר?",
-], ids=repr)
-def test_punctuated_words_wait_only_the_hangover(words):
-    fsm = listening_fsm(now=10.0, **TURNS)
-    fsm.handle(SpeechStarted(at=10.2))
-    fsm.handle(Partial(at=12.4, text=words, audio_end_at=12.4))
-    fsm.handle(SpeechEnded(at=12.5))
-    assert fsm.next_deadline() == approx(12.72)
-    assert at_deadline(fsm)[0].text == words
-    assert fsm.required_silence_s == approx(0.22)
+def test_how_a_transcript_ends_sets_the_silence_that_ends_the_turn(words, silence):
+    """Mid-phrase: the whole silence rule; no sentence punctuation: the bare silence; punctuated: the hangover."""
+    fsm = spoken(words, start=10.2, end=12.5)  # 2.3 s of speech: the rule wants 1.8 s
+    assert fsm.next_deadline() == approx(12.5 + silence)
+    if silence != WEAK:
+        assert at_deadline(fsm)[0].text == words  # answered at once: no wait for the final
+        assert fsm.required_silence_s == approx(silence)
 
 
 def test_the_bare_silence_is_its_own_setting():
-    fsm = listening_fsm(now=10.0, **TURNS | dict(strong_bare_silence_s=0.35))
-    fsm.handle(SpeechStarted(at=10.5))
-    fsm.handle(Partial(at=11.4, text="I'd like to book a table", audio_end_at=11.4))
-    fsm.handle(SpeechEnded(at=11.5))
+    fsm = spoken("I'd like to book a table", strong_bare_silence_s=0.35)
     assert fsm.next_deadline() == approx(11.85)
 
 
 def test_the_bare_silence_never_exceeds_the_silence_rule():
-    fsm = listening_fsm(now=10.0, **TURNS | dict(strong_bare_silence_s=0.9))
-    fsm.handle(SpeechStarted(at=10.5))
-    fsm.handle(Partial(at=11.4, text="I'd like to book a table", audio_end_at=11.4))
-    fsm.handle(SpeechEnded(at=11.5))
+    fsm = spoken("I'd like to book a table", strong_bare_silence_s=0.9)
     assert fsm.next_deadline() == approx(12.0)  # the 0.5 s rule for a short utterance
     assert at_deadline(fsm)[0].text == "I'd like to book a table"  # strong words: no wait for the final
     assert fsm.state is T
