@@ -65,17 +65,17 @@ from agentd import text as textrules
 from agentd.fsm_events import (
     GOODBYE, Action, AdoptDraft, BeginPlayback, CallStarted, CancelReply, EndCall, Event, Final, FsmError,
     Hangup, Partial, PlaybackDone, PlayGoodbye, PlayGreeting, ReplyAudioReady, ReplyFinished, ReplyQueued,
-    ReviseTurn, SayFiller, SpeechEnded, SpeechStarted, StartReply, State, StopPlayback, SttLost, SttReady, Tick, Timer,
-    TranscribeFallback, TurnSettings, WindDown,
+    ReviseTurn, SayFiller, SpeechEnded, SpeechStarted, StartReply, State, StopPlayback, SttLost, SttReady, Tick,
+    Timer, TranscribeFallback, TurnSettings, WindDown,
 )
 from agentd.speculation import Speculation
 
 __all__ = [
     "GOODBYE", "Action", "AdoptDraft", "BeginPlayback", "CallFSM", "CallStarted", "CancelReply", "EndCall",
     "Event", "Final", "FsmError", "Hangup", "Partial", "PlayGoodbye", "PlayGreeting", "PlaybackDone",
-    "ReplyAudioReady", "ReplyFinished", "ReplyQueued", "ReviseTurn", "SayFiller", "SpeechEnded", "SpeechStarted",
-    "StartReply", "State", "StopPlayback", "SttLost", "SttReady", "Tick", "Timer", "TranscribeFallback",
-    "TurnSettings", "WindDown", "mermaid",
+    "ReplyAudioReady", "ReplyFinished", "ReplyQueued", "ReviseTurn", "SayFiller", "SpeechEnded",
+    "SpeechStarted", "StartReply", "State", "StopPlayback", "SttLost", "SttReady", "Tick", "Timer",
+    "TranscribeFallback", "TurnSettings", "WindDown", "mermaid",
 ]
 
 
