@@ -651,9 +651,13 @@ class CallFSM:
         The breath keeps the agent from answering inhumanly fast; as a floor on
         the gap (not a pause added after the audio is ready) it costs nothing
         when the reply took longer than a breath anyway, which is almost always.
+        The hesitation guard is a second floor: a caller who pauses mid-sentence
+        for up to that long is back before the agent speaks, and the resumed turn
+        cancels the reply (no answer to half a question ever plays).
         """
         s = self.settings
-        due = max(now, self._turn.end_at + self._rng.uniform(s.breath_min_s, s.breath_max_s))
+        gap = max(s.hesitation_guard_s, self._rng.uniform(s.breath_min_s, s.breath_max_s))
+        due = max(now, self._turn.end_at + gap)
         self.breath_s = due - now
         self._timers[Timer.BREATH] = due
 

@@ -287,6 +287,7 @@ class TurnSettings:
     refractory_s: float
     breath_min_s: float
     breath_max_s: float
+    hesitation_guard_s: float  # the agent never speaks sooner than this after the caller's last voiced frame
     barge_in_enabled: bool
     barge_in_min_s: float
     barge_in_guard_s: float  # speech in the first moments of agent audio never interrupts
@@ -318,6 +319,7 @@ class TurnSettings:
             hangover_s=vad.hangover_ms / 1000, final_timeout_s=stt.final_timeout_ms / 1000,
             fallback_timeout_s=stt.fallback_timeout_ms / 1000, refractory_s=t.refractory_ms / 1000,
             breath_min_s=t.breath_min_ms / 1000, breath_max_s=t.breath_max_ms / 1000,
+            hesitation_guard_s=t.hesitation_guard_ms / 1000,
             barge_in_enabled=t.barge_in_enabled, barge_in_min_s=t.barge_in_min_ms / 1000,
             barge_in_guard_s=t.barge_in_guard_ms / 1000, barge_in_confirm_s=vad.hangover_ms / 1000,
             barge_in_requires_words=t.barge_in_requires_words, greeting_barge_in=t.greeting_barge_in,

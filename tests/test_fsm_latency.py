@@ -350,17 +350,21 @@ def test_with_speculation_disabled_nothing_is_ever_drafted():
 # ---- hits
 
 
-def test_a_hit_whose_draft_audio_is_already_ready_plays_it_after_one_breath():
+def test_a_hit_whose_draft_audio_is_already_ready_plays_it_once_the_hesitation_guard_has_passed():
     fsm = drafting_fsm()
     assert fsm.handle(ReplyAudioReady(at=11.4, reply=1)) == []
     fsm.handle(SpeechEnded(at=11.5))
     fsm.handle(Final(at=11.6, text=FINAL_WORDS, audio_end_at=11.5))
-    # The caller stopped at 11.5: a breath of silence has long passed, so the draft plays at once.
+    # The caller stopped at 11.5: the draft is adopted, but a caller pausing mid-sentence
+    # could still go on until 11.5 + hesitation_guard_s (0.72 shipped), so it plays then.
     assert fsm.handle(Tick(at=12.0)) == [
-        AdoptDraft(reply=1, text=FINAL_WORDS, speech_start_at=10.5, speech_end_at=11.5), BeginPlayback(reply=1)
+        AdoptDraft(reply=1, text=FINAL_WORDS, speech_start_at=10.5, speech_end_at=11.5)
     ]
+    assert fsm.state is T
+    assert fsm.next_deadline() == approx(11.5 + 0.72)
+    assert at_deadline(fsm) == [BeginPlayback(reply=1)]
     assert fsm.reply == 1
-    assert fsm.breath_s == 0.0
+    assert fsm.breath_s == approx(0.22)
     assert fsm.state is S
     assert fsm.spec_counts == counts(drafts=1, hits=1)
     assert fsm.handle(PlaybackDone(at=14.0, reply=1)) == [ReplyFinished(reply=1)]
@@ -752,8 +756,8 @@ async def test_a_speculative_hit_runs_under_trio_mock_clock(autojump_clock):
         (6.0, "SpeechEnded", [], L),
         (6.1, "Final", [], L),
         (approx(6.22), "Tick",  # early finalize: strong words, one hangover of silence
-         [AdoptDraft(reply=1, text=FINAL_WORDS, speech_start_at=5.0, speech_end_at=6.0),
-          BeginPlayback(reply=1)], S),  # its audio is ready and a breath after 6.0 has passed
+         [AdoptDraft(reply=1, text=FINAL_WORDS, speech_start_at=5.0, speech_end_at=6.0)], T),
+        (approx(6.72), "Tick", [BeginPlayback(reply=1)], S),  # audio ready; the hesitation guard has passed
         (8.0, "PlaybackDone", [ReplyFinished(reply=1)], R),
         (approx(9.1), "Tick", [], L),
         (10.0, "Hangup", [], E),
