@@ -62,20 +62,22 @@ import typing
 from dataclasses import dataclass, field, replace
 
 from agentd import text as textrules
+from agentd.dtmf import DigitCollector, digits_message
 from agentd.fsm_events import (
-    GOODBYE, Action, AdoptDraft, BeginPlayback, CallStarted, CancelReply, EndCall, Event, Final, FsmError,
-    Hangup, Partial, PlaybackDone, PlayGoodbye, PlayGreeting, ReplyAudioReady, ReplyFinished, ReplyQueued,
-    ReviseTurn, SayFiller, SpeechEnded, SpeechStarted, StartReply, State, StopPlayback, SttLost, SttReady, Tick,
-    Timer, TranscribeFallback, TurnSettings, WindDown,
+    GOODBYE, Action, AdoptDraft, AgentEnds, BeginPlayback, CallStarted, CancelReply, EndCall, Event, Final,
+    FsmError, Hangup, KeyPressed, Partial, PlaybackDone, PlayGoodbye, PlayGreeting, PlayLine, ReplyAudioReady,
+    ReplyFinished, ReplyQueued, ReviseTurn, SayFiller, SpeechEnded, SpeechStarted, StartReply, State, StopPlayback,
+    SttLost, SttReady, Tick, Timer, TranscribeFallback, TurnSettings, WindDown,
 )
 from agentd.speculation import Speculation
 
 __all__ = [
-    "GOODBYE", "Action", "AdoptDraft", "BeginPlayback", "CallFSM", "CallStarted", "CancelReply", "EndCall",
-    "Event", "Final", "FsmError", "Hangup", "Partial", "PlayGoodbye", "PlayGreeting", "PlaybackDone",
-    "ReplyAudioReady", "ReplyFinished", "ReplyQueued", "ReviseTurn", "SayFiller", "SpeechEnded",
-    "SpeechStarted", "StartReply", "State", "StopPlayback", "SttLost", "SttReady", "Tick", "Timer",
-    "TranscribeFallback", "TurnSettings", "WindDown", "mermaid",
+    "GOODBYE", "HUNG_UP", "SILENT", "TRANSFERRED", "Action", "AdoptDraft", "AgentEnds", "BeginPlayback",
+    "CallFSM", "CallStarted", "CancelReply", "EndCall", "Ending", "Event", "Final", "FsmError", "Hangup",
+    "KeyPressed", "Partial", "PlayGoodbye", "PlayGreeting", "PlayLine", "PlaybackDone",
+    "ReplyAudioReady", "ReplyFinished", "ReplyQueued", "ReviseTurn", "SayFiller", "SpeechEnded", "SpeechStarted",
+    "StartReply", "State", "StopPlayback", "SttLost", "SttReady", "Tick", "Timer", "TranscribeFallback",
+    "TurnSettings", "WindDown", "mermaid",
 ]
 
 
@@ -120,13 +122,37 @@ class _Turn:
     partial: str = ""  # its last words, still an interim of a segment the recogniser keeps open
 
 
+@dataclass(frozen=True, slots=True)
+class Ending:
+    """How the agent ends the call: the record's reason, the cached line said last
+    ("" = none), and the number the caller is transferred to ("" = none)."""
+
+    reason: str
+    line: str = "goodbye"
+    transfer_to: str = ""
+
+
+HUNG_UP = "agent hung up"
+TRANSFERRED = "agent transferred"
+SILENT = "caller silent"
+
+
+def model_ending(event: AgentEnds) -> Ending:
+    """``end_call`` finishes what is said (the goodbye line if nothing was); a transfer says the handoff."""
+    if event.transfer_to:
+        return Ending(TRANSFERRED, "handoff", event.transfer_to)
+    return Ending(HUNG_UP, "" if event.spoke else "goodbye")
+
+
 # ------------------------------------------------------------------- FSM ---
 
 
 class CallFSM:
     """One call's decisions. Feed events with ``handle``; honour the actions."""
 
-    def __init__(self, settings: TurnSettings, *, rng: random.Random | None = None):
+    def __init__(self, settings: TurnSettings, *, rng: random.Random | None = None,
+                 keypad: typing.Mapping[str, Ending] | None = None, reprompt: bool = False):
+        """``keypad``: the business's single-digit actions; ``reprompt``: it has a reprompt line (else a silent caller is left be)."""
         self.settings = settings
         self.state = State.GREETING
         self.path: tuple[State, ...] = ()  # states entered by the last handle(), in order
@@ -146,7 +172,13 @@ class CallFSM:
         self._awaiting_words = False  # sustained speech that may interrupt once words are heard
         self._eot_silence = 0.0
         self._eot_strong = False  # the strong-transcript rule set the end of turn: commit at once
-        self._end_reason = ""
+        self._ending = Ending("")  # set when the agent starts ending the call
+        self._endings: dict[int, Ending] = {}  # replies whose model ended the call
+        self._keypad = dict(keypad or {})
+        self._keys = DigitCollector(settings.dtmf_digit_timeout_s)
+        self._idle_reprompt = reprompt and settings.idle_reprompt_s > 0
+        self._idle_due: float | None = None  # when the silent caller is reprompted (while the floor is theirs)
+        self._reprompts = 0  # reprompts said since the caller last spoke words
 
     def __repr__(self) -> str:
         armed = sorted((timer.value, at) for timer, at in self._timers.items())
@@ -219,9 +251,13 @@ class CallFSM:
         if state is not self.state:
             self.path += (state,)
         self.state = state
+        if state not in (State.CLOSING, State.ENDED):
+            keep = (*keep, Timer.DTMF)  # a keypad entry goes on whatever the agent does
         kept = {timer: self._timers[timer] for timer in keep if timer in self._timers}
         self._timers.clear()
         self._timers.update(kept)
+        if state in (State.REFRACTORY, State.LISTENING) and self._idle_due is not None:
+            self._timers[Timer.IDLE] = self._idle_due  # the floor is still the silent caller's
 
     def _silence_needed(self, utt: _Utterance) -> float:
         s = self.settings
@@ -289,6 +325,7 @@ class CallFSM:
         """Add a transcript result of the open turn (callers check ``_is_late`` first)."""
         if event.text.strip():
             self._last_words_at = event.at
+            self._caller_answered()
         if isinstance(event, Final):
             if event.text.strip():
                 self._transcript.finals.append(event.text.strip())
@@ -326,6 +363,7 @@ class CallFSM:
 
     def _listen_again(self) -> None:
         """Barge-in: back to collecting the caller's turn, keeping their open utterance."""
+        self._endings.pop(self._reply, None)  # the caller spoke on: what the model decided is moot
         utt = self._utt
         self._enter(State.LISTENING)
         self._utt = utt
@@ -407,6 +445,8 @@ class CallFSM:
 
     def _after_playback(self, now: float, finished: ReplyFinished) -> list[Action]:
         held = self._utt
+        if self._idle_reprompt:
+            self._idle_due = now + self.settings.idle_reprompt_s
         self._enter(State.REFRACTORY)
         self._timers[Timer.REFRACTORY] = now + self.settings.refractory_s
         self._utt = held
@@ -565,6 +605,7 @@ class CallFSM:
                            end_at=utt.end_at if utt.end_at is not None else now, silence_s=self._eot_silence,
                            fallbacks=("stt_recognize",) if self._via_fallback else (),
                            finals=tuple(self._transcript.finals), partial=self._transcript.partial)
+        self._caller_answered()
         outcome, draft = self.spec.settle(self._turn.text)
         self._enter(State.THINKING)
         self._drop_utterance()
@@ -668,7 +709,11 @@ class CallFSM:
         if Timer.BARGE_IN in self._timers:
             self._enter(State.HOLDING, keep=(Timer.BARGE_IN,))  # never start talking over the caller
             return []
-        self._enter(State.SPEAKING)
+        if self._reply in self._endings:  # the model's last words: nothing interrupts them
+            self._ending = self._endings[self._reply]
+            self._enter(State.CLOSING)
+        else:
+            self._enter(State.SPEAKING)
         self._audio_since = when
         return [BeginPlayback(reply=self._reply, breath_s=self.breath_s)]
 
@@ -682,30 +727,145 @@ class CallFSM:
 
     def _wind_down(self, event: WindDown) -> list[Action]:
         """Nothing is playing: say goodbye (dropping any draft)."""
-        return [*self._discard_draft(), *self._close(event)]
+        return [*self._stop_quiet(), *self._close(Ending(event.reason))]
 
     def _wind_down_thinking(self, event: WindDown) -> list[Action]:
-        return [*self._discard_draft(), CancelReply(reply=self._reply), *self._close(event)]
+        return [*self._stop_thinking(), *self._close(Ending(event.reason))]
 
     def _wind_down_playing(self, event: WindDown) -> list[Action]:
-        return [StopPlayback(), CancelReply(reply=self._reply), *self._close(event)]
+        return [*self._stop_playing(), *self._close(Ending(event.reason))]
 
-    def _close(self, event: WindDown) -> list[Action]:
-        self._end_reason = event.reason
-        self._reply = GOODBYE
+    def _stop_quiet(self) -> list[Action]:
+        return self._discard_draft()
+
+    def _stop_thinking(self) -> list[Action]:
+        return [*self._discard_draft(), CancelReply(reply=self._reply)]
+
+    def _stop_playing(self) -> list[Action]:
+        return [StopPlayback(), CancelReply(reply=self._reply)]
+
+    def _close(self, ending: Ending) -> list[Action]:
+        """Stop listening and say the closing line (CLOSING); the call ends after it."""
+        self._ending = ending
         self._utt = None
+        self._idle_due = None
+        self._keys.clear()
         self._enter(State.CLOSING)
-        return [PlayGoodbye()]
+        return self._closing_line()
+
+    def _closing_line(self) -> list[Action]:
+        if not self._ending.line:
+            return self._end_call()
+        self._reply = GOODBYE
+        self._timers.clear()
+        return [PlayGoodbye(line=self._ending.line)]
+
+    def _end_call(self) -> list[Action]:
+        self._enter(State.ENDED)
+        return [EndCall(reason=self._ending.reason, transfer_to=self._ending.transfer_to)]
 
     def _goodbye_done(self, event: PlaybackDone) -> list[Action]:
-        if event.reply != GOODBYE:
+        if event.reply != self._reply:
             return []  # a mark of a reply the wind-down cut off
-        self._enter(State.ENDED)
-        return [ReplyFinished(reply=GOODBYE), EndCall(reason=self._end_reason)]
+        if event.reply != GOODBYE:  # the model's last words were said: now its closing line
+            return [ReplyFinished(reply=event.reply), *self._closing_line()]
+        return [ReplyFinished(reply=GOODBYE), *self._end_call()]
 
     def _goodbye_marks_lost(self, when: float) -> list[Action]:
-        self._enter(State.ENDED)
-        return [ReplyFinished(reply=GOODBYE, marks_lost=True), EndCall(reason=self._end_reason)]
+        finished = ReplyFinished(reply=self._reply, marks_lost=True)
+        if self._reply != GOODBYE:
+            return [finished, *self._closing_line()]
+        return [finished, *self._end_call()]
+
+    # -- the model ends the call (AgentEnds) --------------------------------
+
+    def _note_ending(self, event: AgentEnds) -> None:
+        """Remember it for when the reply plays (a draft's counts once adopted)."""
+        self._endings[event.reply] = model_ending(event)
+
+    def _ending_while_speaking(self, event: AgentEnds) -> None:
+        """The reply playing now is the model's last: finish it uninterrupted in CLOSING."""
+        self._note_ending(event)
+        if event.reply == self._reply:
+            self._ending = self._endings[event.reply]
+            self._utt = None
+            self._enter(State.CLOSING, keep=(Timer.MARK_WAIT,))
+
+    # -- the idle caller (IDLE) ----------------------------------------------
+
+    def _caller_answered(self) -> None:
+        """Words from the caller: they are there, so the idle count starts over."""
+        self._idle_due = None
+        self._reprompts = 0
+        self._timers.pop(Timer.IDLE, None)
+
+    def _idle_timeout(self, when: float) -> list[Action]:
+        """No words since the agent stopped: reprompt, or after the last reprompt, say goodbye."""
+        self._idle_due = None
+        if self._reprompts >= self.settings.idle_max_reprompts:
+            return [*self._stop_quiet(), *self._close(Ending(SILENT))]
+        self._reprompts += 1
+        self._replies_started += 1
+        self._reply = self._replies_started
+        actions = self._stop_quiet()
+        self._drop_utterance()  # sound without words (noise, echo) is not the caller's turn
+        self._enter(State.SPEAKING)
+        self._audio_since = when
+        return [*actions, PlayLine(reply=self._reply, line="reprompt")]
+
+    # -- keypad (KeyPressed, DTMF) -------------------------------------------
+
+    def _key_quiet(self, event: KeyPressed) -> list[Action]:
+        return self._key(event, self._stop_quiet, resumes=False)
+
+    def _key_thinking(self, event: KeyPressed) -> list[Action]:
+        return self._key(event, self._stop_thinking, resumes=True)
+
+    def _key_playing(self, event: KeyPressed) -> list[Action]:
+        return self._key(event, self._stop_playing, resumes=False)
+
+    def _key(self, event: KeyPressed, stop: typing.Callable[[], list[Action]], *, resumes: bool) -> list[Action]:
+        """A single mapped digit acts at once; other keys collect into an entry (``#`` ends it)."""
+        if not self._keys.pending and event.digit in self._keypad:
+            return [*stop(), *self._close(self._keypad[event.digit])]
+        digits = self._keys.press(event.digit, event.at)
+        deadline = self._keys.deadline()
+        if deadline is not None:
+            self._timers[Timer.DTMF] = deadline
+        if digits is None:
+            return []
+        return self._digits_turn(event.at, digits, stop, resumes=resumes)
+
+    def _keys_done_quiet(self, when: float) -> list[Action]:
+        return self._digits_turn(when, self._keys.expire(when) or "", self._stop_quiet, resumes=False)
+
+    def _keys_done_thinking(self, when: float) -> list[Action]:
+        return self._digits_turn(when, self._keys.expire(when) or "", self._stop_thinking, resumes=True)
+
+    def _keys_done_playing(self, when: float) -> list[Action]:
+        return self._digits_turn(when, self._keys.expire(when) or "", self._stop_playing, resumes=False)
+
+    def _digits_turn(self, now: float, digits: str, stop: typing.Callable[[], list[Action]], *,
+                     resumes: bool) -> list[Action]:
+        """A complete keypad entry is the caller's turn, with any words they said around it.
+
+        While a reply to their last turn is being prepared (``resumes``), that turn's
+        words come back and the entry joins them, as when the caller keeps talking."""
+        self._timers.pop(Timer.DTMF, None)
+        if not digits:
+            return []
+        actions = stop()
+        if resumes:
+            actions = [a if not isinstance(a, CancelReply) else CancelReply(reply=a.reply, resumes_turn=True)
+                       for a in actions]
+        words = [self._turn.text] if resumes and self._turn.text else []
+        text = " ".join([*words, self._transcript.text(), digits_message(digits)]).strip()
+        self._drop_utterance()
+        self._turn = _Turn(at=now, text=text, start_at=now, end_at=now)
+        self._caller_answered()
+        self.spec.settle("")
+        self._enter(State.THINKING)
+        return [*actions, *self._fresh_reply(now, "none")]
 
     def _hangup(self, event: Hangup) -> list[Action]:
         actions = self._discard_draft()
@@ -749,6 +909,8 @@ _TABLE: dict[tuple[State, type | Timer], _Row] = {
     (G, Timer.BARGE_IN): _Row(_._interrupt_playback, (L,)),
     (G, Timer.MARK_WAIT): _Row(_._marks_lost, (R,)),
     (G, WindDown): _Row(_._wind_down_playing, (C,)),
+    (G, KeyPressed): _Row(_._key_playing, (T, C)),
+    (G, Timer.DTMF): _Row(_._keys_done_playing, (T,)),
 
     (R, SpeechStarted): _Row(_._hold_speech),
     (R, SpeechEnded): _Row(_._release_speech),
@@ -758,6 +920,7 @@ _TABLE: dict[tuple[State, type | Timer], _Row] = {
     (R, PlaybackDone): _Row(_._ignore),  # stale echo of a finished reply
     (R, Timer.REFRACTORY): _Row(_._open_listening, (L,)),
     (R, WindDown): _Row(_._wind_down, (C,)),
+    (R, Timer.IDLE): _Row(_._idle_timeout, (S, C)),
 
     (L, SpeechStarted): _Row(_._listening_speech),
     (L, SpeechEnded): _Row(_._listening_silence),
@@ -768,6 +931,7 @@ _TABLE: dict[tuple[State, type | Timer], _Row] = {
     (L, Timer.END_OF_TURN): _Row(_._end_of_turn, (F, T)),  # THINKING at once if the transcript is in
     (L, Timer.SPEC_STABLE): _Row(_._draft_now),
     (L, WindDown): _Row(_._wind_down, (C,)),
+    (L, Timer.IDLE): _Row(_._idle_timeout, (S, C)),
 
     (F, SpeechStarted): _Row(_._finalizing_resumed, (L,)),
     (F, SpeechEnded): _Row(_._release_speech),
@@ -786,7 +950,7 @@ _TABLE: dict[tuple[State, type | Timer], _Row] = {
     (T, ReplyAudioReady): _Row(_._reply_audio_ready),
     (T, ReplyQueued): _Row(_._ignore),
     (T, PlaybackDone): _Row(_._ignore),
-    (T, Timer.BREATH): _Row(_._breath_taken, (S, H)),
+    (T, Timer.BREATH): _Row(_._breath_taken, (S, H, C)),  # CLOSING: the model's last words
     (T, Timer.BARGE_IN): _Row(_._interrupt_thinking, (L,)),
     (T, Timer.SPEC_WAIT): _Row(_._draft_too_late),
     (T, Timer.FILLER): _Row(_._say_filler),
@@ -810,10 +974,13 @@ _TABLE: dict[tuple[State, type | Timer], _Row] = {
     (S, Timer.BARGE_IN): _Row(_._interrupt_playback, (L,)),
     (S, Timer.MARK_WAIT): _Row(_._marks_lost, (R,)),
     (S, WindDown): _Row(_._wind_down_playing, (C,)),
+    (S, KeyPressed): _Row(_._key_playing, (T, C)),
+    (S, Timer.DTMF): _Row(_._keys_done_playing, (T,)),
+    (S, AgentEnds): _Row(_._ending_while_speaking, (C,)),
 
     # The goodbye is not interrupted: the caller's voice, words and STT changes are ignored.
     **_rows(_._ignore, *((C, t) for t in (SpeechStarted, SpeechEnded, Partial, Final, SttReady, SttLost,
-                                            ReplyAudioReady, WindDown))),
+                                            ReplyAudioReady, WindDown, KeyPressed, AgentEnds))),
     (C, ReplyQueued): _Row(_._arm_mark_wait),
     (C, PlaybackDone): _Row(_._goodbye_done, (E,)),
     (C, Timer.MARK_WAIT): _Row(_._goodbye_marks_lost, (E,)),
@@ -826,6 +993,14 @@ for _state in (G, R, L, F, C):
     _TABLE[_state, Hangup] = _Row(_._hangup, (E,))
 for _state in (T, H, S):
     _TABLE[_state, Hangup] = _Row(_._hangup_busy, (E,))
+for _state in (R, L, F):
+    _TABLE[_state, KeyPressed] = _Row(_._key_quiet, (T, C))
+    _TABLE[_state, Timer.DTMF] = _Row(_._keys_done_quiet, (T,))
+for _state in (T, H):
+    _TABLE[_state, KeyPressed] = _Row(_._key_thinking, (T, C) if _state is H else (C,))
+    _TABLE[_state, Timer.DTMF] = _Row(_._keys_done_thinking, (T,) if _state is H else ())
+for _state in (G, R, L, F, T, H):
+    _TABLE[_state, AgentEnds] = _Row(_._note_ending)
 for _event in typing.get_args(Event):
     if _event not in (CallStarted, Tick):
         _TABLE[E, _event] = _Row(_._ignore)  # the call is over; stragglers are harmless

@@ -43,6 +43,8 @@ class Timer(enum.Enum):
     SPEC_WAIT = "spec_wait"  # how long an adopted draft may take to have audio
     FILLER = "filler"  # the reply has no audio yet: say a filler
     MARK_WAIT = "mark_wait"  # the last mark should have come back by now
+    IDLE = "idle"  # the agent finished speaking and the caller has said nothing since
+    DTMF = "dtmf"  # no further key press: the keypad entry is complete
 
 
 class FsmError(Exception):
@@ -151,9 +153,29 @@ class Hangup:
     at: float
 
 
+@dataclass(**_EV)
+class KeyPressed:
+    """Twilio reported a keypad press (``0``-``9``, ``*``, ``#``, ``A``-``D``)."""
+
+    at: float
+    digit: str
+
+
+@dataclass(**_EV)
+class AgentEnds:
+    """The model ended the call from reply ``reply``: ``end_call``, or ``transfer_call``
+    when ``transfer_to`` (an E.164 number) is set. ``spoke``: the reply had words
+    before the tool call (then an ``end_call`` needs no goodbye line)."""
+
+    at: float
+    reply: int
+    transfer_to: str = ""
+    spoke: bool = False
+
+
 Event = (
     CallStarted | SpeechStarted | SpeechEnded | Partial | Final | SttReady | SttLost
-    | ReplyAudioReady | ReplyQueued | PlaybackDone | Tick | WindDown | Hangup
+    | ReplyAudioReady | ReplyQueued | PlaybackDone | Tick | WindDown | Hangup | KeyPressed | AgentEnds
 )
 
 # --------------------------------------------------------------- actions ---
@@ -253,19 +275,32 @@ class TranscribeFallback:
 
 @dataclass(**_EV)
 class PlayGoodbye:
-    """Queue the business's pre-synthesized goodbye line (reply ``GOODBYE``)."""
+    """Queue the business's pre-synthesized closing line (reply ``GOODBYE``):
+    its ``goodbye``, or its ``handoff`` before a transfer."""
+
+    line: str = "goodbye"
+
+
+@dataclass(**_EV)
+class PlayLine:
+    """Say the business's cached ``line`` (``reprompt``) as reply ``reply``; it plays at once."""
+
+    reply: int
+    line: str
 
 
 @dataclass(**_EV)
 class EndCall:
-    """Hang up now; ``reason`` is the call record's ``end_reason``."""
+    """Hang up now; ``reason`` is the call record's ``end_reason``. ``transfer_to``:
+    the caller goes on to this number (``/twilio/after`` answers ``<Dial>``)."""
 
     reason: str
+    transfer_to: str = ""
 
 
 Action = (
     PlayGreeting | StartReply | AdoptDraft | BeginPlayback | SayFiller | StopPlayback | CancelReply
-    | ReviseTurn | ReplyFinished | TranscribeFallback | PlayGoodbye | EndCall
+    | ReviseTurn | ReplyFinished | TranscribeFallback | PlayGoodbye | PlayLine | EndCall
 )
 
 
@@ -308,6 +343,9 @@ class TurnSettings:
     streaming_stt: bool  # False: every turn is transcribed by the unary fallback
     filler_after_s: float  # after the end of speech, say a filler if no audio is ready (0 = never)
     mark_timeout_s: float  # beyond the queued audio, how long the last mark may take to come back
+    dtmf_digit_timeout_s: float  # a keypad entry is complete after this long without a press
+    idle_reprompt_s: float  # after the agent finished speaking, silence this long gets the reprompt
+    idle_max_reprompts: int  # unanswered reprompts before the agent says goodbye and ends the call
 
     @classmethod
     def from_config(cls, config: Config) -> TurnSettings:
@@ -329,4 +367,6 @@ class TurnSettings:
             spec_min_chars=spec.min_chars, spec_stable_s=spec.stable_ms / 1000, spec_wait_s=spec.wait_ms / 1000,
             spec_voice_draft=spec.synthesize_draft, streaming_stt=stt.streaming_enabled,
             filler_after_s=config.llm.filler_after_ms / 1000, mark_timeout_s=config.audio.mark_timeout_ms / 1000,
+            dtmf_digit_timeout_s=t.dtmf_digit_timeout_ms / 1000, idle_reprompt_s=t.idle_reprompt_s,
+            idle_max_reprompts=t.idle_max_reprompts,
         )

@@ -15,7 +15,7 @@ import typing
 
 from agentd.config import load_config
 from agentd.fsm import (
-    BeginPlayback, CallFSM, CallStarted, Event, Final, Hangup, Partial, PlaybackDone, PlayGoodbye,
+    AgentEnds, BeginPlayback, CallFSM, CallStarted, Event, Final, Hangup, KeyPressed, Partial, PlaybackDone, PlayGoodbye,
     ReplyAudioReady, ReplyQueued, SpeechEnded, SpeechStarted, StartReply, State, Tick, TurnSettings, WindDown,
 )
 
@@ -147,6 +147,10 @@ def sample_event(event_type: type, at: float) -> Event:
         return event_type(at=at, reply=1, playout_s=0.5)
     if event_type is WindDown:
         return event_type(at=at, reason="sample")
+    if event_type is KeyPressed:
+        return event_type(at=at, digit="5")
+    if event_type is AgentEnds:
+        return event_type(at=at, reply=1)
     return event_type(at=at)
 
 
