@@ -24,8 +24,9 @@ from dataclasses import dataclass, field
 import trio
 import trio_websocket
 
-from agentd import fsm, telemetry
+from agentd import call_tools, fsm, telemetry
 from agentd.audio_cache import AudioCache
+from agentd.business_tools import BusinessTools
 from agentd.codecs import twilio
 from agentd.config import Business, Config
 from agentd.errors import CallProtocolError, UpstreamUnavailable
@@ -36,9 +37,11 @@ from agentd.media_socket import MediaSocket
 from agentd.metronome import Metronome
 from agentd.reply import Outlet, Piece, ReplyJob, Voicing, chat_thinker
 from agentd.stt_google import SttSettings, StreamingRecognizer
+from agentd.tool_round import run_tool_calls
 from agentd.tts_google import Synthesizer, Voice
 from agentd.tx import FRAME_S, TxQueue
 from agentd.vad import VadSettings, VoiceActivity, VoiceEnded, VoiceStarted
+from agentd.webhook import CallOutcomes
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +62,10 @@ class Services:
     sink: telemetry.JsonlSink
     metronome: Metronome
     observers: list[Callable[[dict], None]] = field(default_factory=list)
+    # What each call decided for after its stream (a transfer), read by POST server.after_path.
+    outcomes: CallOutcomes = field(default_factory=CallOutcomes)
+    # Business tools, on an HTTP client of their own so slow tools never hold the LLM's connections.
+    tools: BusinessTools | None = None
 
     def voice(self, business: Business) -> Voice:
         return Voice(language=business.language, name=business.voice,
@@ -82,6 +89,8 @@ class _Turn:
     caller_text: str = ""
     facts: dict = field(default_factory=dict)
     fallbacks: list[str] = field(default_factory=list)
+    tool_messages: list[dict] = field(default_factory=list)  # tool rounds, in OpenAI format, for the history
+    said_before_tools: int = 0  # pieces of the reply the tool rounds' messages already carry
 
 
 class Call:
@@ -99,7 +108,8 @@ class Call:
         self.voice = services.voice(self.business)
         self.states: list[str] = []
         self.history = History()
-        self.fsm = fsm.CallFSM(fsm.TurnSettings.from_config(cfg))
+        self.fsm = fsm.CallFSM(fsm.TurnSettings.from_config(cfg), keypad=_keypad(self.business),
+                               reprompt=bool(self.business.reprompt))
         self.vad = VoiceActivity(VadSettings.from_config(cfg))
         self.stt = StreamingRecognizer(services.stt_channel, SttSettings.from_config(cfg, self.business.language),
                                        self._dispatch, is_quiet=lambda: not self.vad.speaking)
@@ -186,6 +196,8 @@ class Call:
                 self._on_media(event.payload, at)
             elif isinstance(event, twilio.Mark):
                 self._on_mark(event.name)
+            elif isinstance(event, twilio.Dtmf):
+                self._dispatch(fsm.KeyPressed(at=at, digit=event.digit))
             elif isinstance(event, twilio.Stop):
                 return "stop"
             elif isinstance(event, (twilio.Start, twilio.Connected)):
@@ -214,16 +226,16 @@ class Call:
         server = self._svc.config.server
         quiet_s, limit_at = server.media_timeout_ms / 1000, self.t0 + server.max_call_duration_s
         self._heard_at = trio.current_time()  # setup (opening STT) may have left messages waiting unread
-        while (now := trio.current_time()) < (end_at := min(self._heard_at + quiet_s, limit_at)):
+        while trio.current_time() < (end_at := min(self._heard_at + quiet_s, limit_at)):
             await trio.sleep_until(end_at)
-        if now >= limit_at:
-            log.warning("call=%s ended: server.max_call_duration_s (%gs) reached", self.call_sid,
-                        server.max_call_duration_s)
-            self.end_now("call duration limit")
-        else:
-            log.warning("call=%s ended: no message from Twilio for %d ms (server.media_timeout_ms); "
-                        "the peer is gone", self.call_sid, server.media_timeout_ms)
-            self.end_now(f"no media for {server.media_timeout_ms} ms")
+            if trio.current_time() >= limit_at:
+                log.warning("call=%s ending: server.max_call_duration_s (%gs) reached", self.call_sid,
+                            server.max_call_duration_s)
+                self.wind_down("call duration limit")  # the goodbye plays before the cut (CLOSING ends it)
+                limit_at = float("inf")  # from here only a vanished peer is this task's business
+        log.warning("call=%s ended: no message from Twilio for %d ms (server.media_timeout_ms); "
+                    "the peer is gone", self.call_sid, server.media_timeout_ms)
+        self.end_now(f"no media for {server.media_timeout_ms} ms")
 
     def _finish(self) -> None:
         now = trio.current_time()
@@ -307,25 +319,36 @@ class Call:
         self._turns[reply] = turn = _Turn(job=job, timeline=timeline)
         return turn
 
-    def _play_canned(self, reply: int, text: str, *, first: str, last: str | None) -> None:
+    def _play_canned(self, reply: int, text: str, *, first: str, last: str | None) -> _Turn:
         turn = self._new_turn(reply, first=first, last=last)
         piece: Piece | None = self._svc.cache.get(self.voice, text) if text else None
         self._nursery.start_soon(lambda: turn.job.run(canned=[piece] if piece else []))
         turn.job.release()
+        return turn
 
     def _play_greeting(self, action: fsm.PlayGreeting) -> None:
         self._play_canned(0, self.business.greeting, first="greeting_started", last="greeting_last_frame_sent")
 
     def _play_goodbye(self, action: fsm.PlayGoodbye) -> None:
-        self._play_canned(fsm.GOODBYE, self.business.goodbye, first="first_reply_frame_sent", last=None)
+        """The closing line (``goodbye`` or ``handoff``), recorded as a turn the agent took on its own."""
+        turn = self._play_canned(fsm.GOODBYE, getattr(self.business, action.line),
+                                 first="first_reply_frame_sent", last=None)
+        turn.facts.update(turn=self._turns_taken, canned=action.line)
+
+    def _play_line(self, action: fsm.PlayLine) -> None:
+        """A line the agent says on its own (``reprompt``), from the cache, as a turn of its own."""
+        turn = self._play_canned(action.reply, getattr(self.business, action.line),
+                                 first="first_reply_frame_sent", last=None)
+        turn.facts.update(turn=self._turns_taken, reply=action.reply, canned=action.line)
 
     def _start_reply(self, action: fsm.StartReply) -> None:
         turn = self._new_turn(action.reply)
-        messages = build_messages(self.business.system_prompt,
-                                  [(m["role"], m["content"]) for m in self._recent_history()], action.text)
+        messages = build_messages(self.business.system_prompt, self._recent_history(), action.text)
         think = chat_thinker(self._svc.chat, messages,
                              first_clause_min_chars=self._svc.config.llm.first_clause_min_chars,
-                             stamp=lambda name: turn.timeline.stamp(name, trio.current_time()))
+                             stamp=lambda name: turn.timeline.stamp(name, trio.current_time()),
+                             tools=call_tools.tools_for(self.business),
+                             on_calls=lambda text, calls: self._tool_round(action.reply, turn, text, calls))
         self._nursery.start_soon(lambda: turn.job.run(think=think))
         if action.draft:
             self._speculation["drafts"] += 1
@@ -359,6 +382,24 @@ class Call:
         turn.job.voice_now()
         if self.business.log_transcripts:
             log.info("call=%s turn=%d caller: %s", self.call_sid, reply, action.text)
+
+    async def _tool_round(self, reply: int, turn: _Turn, text: str, calls: list) -> list | None:
+        """Carry out the model's tool calls for reply ``reply``; the messages to ask again with, or None.
+
+        The round's messages join the history when the reply closes; an ending
+        (end_call, transfer_call) goes to the FSM, which decides when it happens.
+        """
+        if self._svc.tools is None:
+            raise RuntimeError("Services.tools is not set: business tools have no HTTP client")
+        outcome = await run_tool_calls(self.business, text, calls, self._svc.tools)
+        turn.tool_messages.extend(outcome.messages)
+        turn.said_before_tools = len(turn.job.spoken)
+        ending = outcome.ending
+        if isinstance(ending, call_tools.Transfer | call_tools.EndCall):
+            number = ending.number if isinstance(ending, call_tools.Transfer) else ""
+            self._dispatch(fsm.AgentEnds(at=trio.current_time(), reply=reply, transfer_to=number,
+                                         spoke=bool(text.strip())))
+        return list(outcome.messages) if outcome.ask_again else None
 
     def _recent_history(self):
         return self.history.recent(self._svc.config.llm.history_turns)
@@ -399,6 +440,8 @@ class Call:
         self._nursery.start_soon(self._transcribe_fallback, action)
 
     def _end_call(self, action: fsm.EndCall) -> None:
+        if action.transfer_to:  # before the stream ends: Twilio asks server.after_path right after
+            self._svc.outcomes.record_transfer(self.call_sid, action.transfer_to)
         self.end_now(action.reason)
 
     def _close_turn(self, reply: int, *, interrupted: bool = False, resumes_turn: bool = False) -> None:
@@ -408,15 +451,16 @@ class Call:
         job.scope.cancel()
         if interrupted:  # marks are the proof of playback; the clock covers a Twilio that never echoes
             lead_s = self.tx.lead_frames * FRAME_S + _PLAYOUT_MARGIN_S
-            said = " ".join(job.heard_by(trio.current_time(), playout_margin_s=lead_s))
+            heard = job.heard_by(trio.current_time(), playout_margin_s=lead_s)
         else:
-            said = " ".join(job.spoken)
-        if reply <= 0 or turn.draft:
+            heard = job.spoken
+        if reply == 0 or turn.draft:
             return
         if resumes_turn:
             self.history = self.history.turn_resumed(turn.caller_text)  # the words rejoin the turn going on
-        else:
-            self.history = self.history.heard_by_caller(said)
+        else:  # a tool round's messages already carry the words said before it
+            self.history = self.history.with_messages(turn.tool_messages)
+            self.history = self.history.heard_by_caller(" ".join(heard[turn.said_before_tools:]))
         self._emit_turn(turn, interrupted)
 
     def _emit_turn(self, turn: _Turn, interrupted: bool) -> None:
@@ -428,7 +472,7 @@ class Call:
             {"business": self.business.name, "interrupted": interrupted, "failed": job.failed,
              "reply_text": " ".join(job.spoken),
              "caller_text": turn.caller_text if self.business.log_transcripts else None,
-             "fallbacks": fallbacks, "speculation": "none", **facts})
+             "fallbacks": fallbacks, "speculation": "none", "canned": None, **facts})
         self._svc.sink.emit_turn(record)
         for observer in self._svc.observers:
             observer(record | {"kind": "turn", "caller_text": turn.caller_text,
@@ -479,5 +523,18 @@ _ACTIONS: dict[type, Callable[[Call, fsm.Action], None]] = {
     fsm.ReplyFinished: Call._reply_finished,
     fsm.TranscribeFallback: Call._transcribe,
     fsm.PlayGoodbye: Call._play_goodbye,
+    fsm.PlayLine: Call._play_line,
     fsm.EndCall: Call._end_call,
 }
+
+
+def _keypad(business: Business) -> dict[str, fsm.Ending]:
+    """The business's single-digit actions, as the FSM's endings."""
+    keypad = {}
+    for digit in business.dtmf:
+        action = call_tools.dtmf_decision(business, digit)
+        if isinstance(action, call_tools.Transfer):
+            keypad[digit] = fsm.Ending(fsm.TRANSFERRED, "handoff", action.number)
+        elif isinstance(action, call_tools.EndCall):
+            keypad[digit] = fsm.Ending(fsm.HUNG_UP)
+    return keypad

@@ -31,6 +31,10 @@ class History:
             return self
         return History((*self.messages, {"role": "assistant", "content": text}))
 
+    def with_messages(self, messages) -> History:
+        """Whole OpenAI messages (a tool round: the assistant's calls, then each result) join the history."""
+        return History((*self.messages, *messages)) if messages else self
+
     def turn_resumed(self, text: str) -> History:
         """The caller kept talking before the reply to ``text`` was heard: take ``text`` back."""
         if self.messages and self.messages[-1] == {"role": "user", "content": text}:
@@ -49,4 +53,7 @@ class History:
 
     def recent(self, turns: int) -> tuple[Mapping[str, str], ...]:
         """The last ``turns`` exchanges (two messages each) to send with the next request."""
-        return self.messages[-2 * turns:] if turns > 0 else ()
+        recent = self.messages[-2 * turns:] if turns > 0 else ()
+        while recent and recent[0]["role"] == "tool":  # never a tool result without the call it answers
+            recent = recent[1:]
+        return recent

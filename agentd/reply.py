@@ -54,6 +54,10 @@ class _Sentence:
     cached: tuple[bytes, ...] | None = None  # pre-synthesized audio (apology)
 
 
+# (text said before the calls, the calls) -> messages to ask the model again with, or None
+ToolRoundHandler = Callable[[str, list], Awaitable[list | None]]
+
+
 class ChunkedSynthesizer(Protocol):
     """A TTS that hands over audio while the sentence is still being synthesized."""
 
@@ -280,20 +284,40 @@ class ReplyJob:
 
 
 def chat_thinker(chat, messages: Sequence[Mapping[str, str]], *, first_clause_min_chars: int,
-                 stamp: Callable[[str], None]):
-    """A ``think`` function: stream the LLM, cut it into speakable pieces, say each."""
+                 stamp: Callable[[str], None], tools: Sequence[Mapping] = (), on_calls: ToolRoundHandler | None = None,
+                 max_rounds: int = 3):
+    """A ``think`` function: stream the LLM, cut it into speakable pieces, say each.
+
+    With ``tools`` offered, the tool calls a request ends with go to ``on_calls``
+    (with the text said before them); it returns the messages to ask the model
+    again with, or None when the reply is over. ``max_rounds`` bounds a model
+    that keeps calling tools.
+    """
 
     async def think(say) -> None:
         splitter = SentenceSplitter(first_clause_min_chars=first_clause_min_chars)
         stamp("ai_start")
-        async with chat.stream(messages) as deltas:
-            async for delta in deltas:
-                stamp("ai_first_token")
-                for sentence in splitter.push(delta):
-                    stamp("ai_first_sentence")
-                    await say(sentence)
-        for sentence in splitter.flush():
-            stamp("ai_first_sentence")
-            await say(sentence)
+        request = list(messages)
+        for _ in range(max_rounds):
+            text, calls = [], []
+            async with chat.stream(request, tools=tools) as items:
+                async for item in items:
+                    if not isinstance(item, str):
+                        calls.append(item)
+                        continue
+                    stamp("ai_first_token")
+                    text.append(item)
+                    for sentence in splitter.push(item):
+                        stamp("ai_first_sentence")
+                        await say(sentence)
+            for sentence in splitter.flush():
+                stamp("ai_first_sentence")
+                await say(sentence)
+            if not calls or on_calls is None:
+                return
+            more = await on_calls("".join(text), calls)
+            if more is None:
+                return
+            request += more
 
     return think

@@ -37,6 +37,7 @@ import trio_websocket
 
 from agentd import http1, logs, logsafe, ops, telemetry
 from agentd.audio_cache import AudioCache
+from agentd.business_tools import BusinessTools
 from agentd.call import Call, Services
 from agentd.codecs import twilio
 from agentd.config import Config, config_summary
@@ -184,10 +185,12 @@ async def serve(config: Config, *, observers: list[Callable[[dict], None]] | Non
         # more than that many exist in all, and each turn pays a new TCP connection.
         limits = httpx.Limits(max_connections=config.server.max_calls,
                               max_keepalive_connections=config.server.max_calls)
-        async with httpx.AsyncClient(limits=limits, timeout=config.llm.timeout_ms / 1000) as http:
+        async with httpx.AsyncClient(limits=limits, timeout=config.llm.timeout_ms / 1000) as http, \
+                httpx.AsyncClient(limits=limits) as tools_http:  # slow business tools never starve the LLM
             chat = OpenAIChat(http, ChatSettings.from_config(config), api_key=api_key)
             services = Services(config=config, chat=chat, tts=tts, stt_channel=stt_channel,
-                                cache=AudioCache(tts), sink=sink, metronome=metronome, observers=list(observers or ()))
+                                cache=AudioCache(tts), sink=sink, metronome=metronome, observers=list(observers or ()),
+                                tools=BusinessTools(tools_http))
             server = Server(port=0, services=services, gate=gate, reload_config=reload_config, http=http)
             server.cache_warm = await _warm_cache(services)
             _freeze_startup_objects()

@@ -98,10 +98,12 @@ async def test_winding_down_mid_reply_clears_it_and_the_caller_cannot_stop_the_g
                 side.say(voices["open"].audio)  # the caller talks over the goodbye
                 await goodbye_heard(side, goodbye_from)
             call = await rig.call_record(side.call_sid)
-            [turn] = rig.turns(side.call_sid)
+            turn, goodbye = rig.turns(side.call_sid)
         nursery.cancel_scope.cancel()
 
     assert len(side.clears) == 1, "one clear for the reply; the goodbye was never cleared"
+    assert turn["canned"] is None and goodbye["canned"] == "goodbye", "the agent's own line is marked so"
+    assert not goodbye["interrupted"]
     assert call["end_reason"] == "call duration limit"
     assert turn["interrupted"] and turn["reply_text"]
     assert OPEN_REPLY.startswith(without_filler(turn["reply_text"])), "only the reply's own pieces were queued"

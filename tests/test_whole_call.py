@@ -59,8 +59,9 @@ async def test_a_call_is_greeted_then_each_turn_answered(config, cloud, caller):
     # Reply audio arrived as frames, each piece followed by a mark that came back.
     assert report.turns[0].reply_frames > 0 and len(report.turns[0].marks_echoed) >= 2
     assert call["states"][:6] == ["REFRACTORY", "LISTENING", "FINALIZING", "THINKING", "SPEAKING", "REFRACTORY"]
-    assert call["states"][6:11] == ["LISTENING", "FINALIZING", "THINKING", "SPEAKING", "REFRACTORY"]
-    assert call["states"][-1] == "ENDED"
+    # The goodbye rule calls end_call: its words play uninterrupted (CLOSING), then the agent hangs up.
+    assert call["states"][6:] == ["LISTENING", "FINALIZING", "THINKING", "CLOSING", "ENDED"]
+    assert call["end_reason"] == "agent hung up"
     for turn in turns:
         stamps = turn["stamps_ms"]
         # A speculative draft may ask the LLM before the caller stops; speech waits for the turn.
