@@ -859,7 +859,7 @@ class CallFSM:
             actions = [a if not isinstance(a, CancelReply) else CancelReply(reply=a.reply, resumes_turn=True)
                        for a in actions]
         words = [self._turn.text] if resumes and self._turn.text else []
-        text = " ".join([*words, self._transcript.text(), digits_message(digits)]).strip()
+        text = " ".join(part for part in (*words, self._transcript.text(), digits_message(digits)) if part)
         self._drop_utterance()
         self._turn = _Turn(at=now, text=text, start_at=now, end_at=now)
         self._caller_answered()
