@@ -28,7 +28,7 @@ import functools
 import gc
 import itertools
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 import httpx
@@ -45,6 +45,7 @@ from agentd.drain import LiveCalls, run_until_drained
 from agentd.errors import AgentdError, CallProtocolError, ConfigError
 from agentd.frontdoor import Admission, CallBusy, FrontDoor
 from agentd.grpc_bridge import GrpcBridge
+from agentd.http1 import Routes
 from agentd.listeners import open_shared_tcp_listeners
 from agentd.llm_openai import ChatSettings, OpenAIChat
 from agentd.media_socket import MediaSocket
@@ -53,6 +54,7 @@ from agentd.metronome import Metronome
 from agentd.notify import Notifier
 from agentd.security import CallTokenError, Gatekeeper
 from agentd.tts_google import GoogleStreamingTts, GoogleTts
+from agentd.webhook import Webhook
 
 log = logging.getLogger(__name__)
 
@@ -215,6 +217,16 @@ async def serve(config: Config, *, observers: list[Callable[[dict], None]] | Non
 
             await run_until_drained(server, config.server.drain_timeout_s, reload=server.reload, on_drain=on_drain)
             nursery.cancel_scope.cancel()
+
+
+def webhook_routes(server: Server, env: Mapping[str, str] | None = None) -> Routes:
+    """POST server.voice_path and server.after_path, for the Twilio listener's route table.
+
+    The after-stream answer reads the transfers the daemon's calls recorded
+    (``Services.outcomes``), so these routes must be served by the same process
+    as the Media Streams. ``env`` None: the secrets come from os.environ.
+    """
+    return Webhook.from_config(server.services.config, server.services.outcomes, env).routes()
 
 
 class ListenError(AgentdError):

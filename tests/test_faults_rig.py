@@ -228,6 +228,11 @@ class TwilioSide:
         self._stopped = True
         await self._send(lambda seq: twilio.render_stop(self.stream_sid, self.call_sid, "ACfault", seq))
 
+    async def press(self, keys: str) -> None:
+        """Keypad presses, one `dtmf` event each, as Twilio reports them."""
+        for key in keys:
+            await self._send(lambda seq, key=key: twilio.render_dtmf(self.stream_sid, key, seq))
+
     def go_quiet(self) -> None:
         """The line goes half-open: from now on this side sends nothing at all (no media, no
         mark echoes) yet never closes the socket, as a peer that vanished without a FIN.

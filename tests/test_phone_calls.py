@@ -1,0 +1,161 @@
+"""Whole phone calls over real sockets: transfer, the agent hanging up, keypad digits, the
+silent caller, and business tools, through `agentd serve` and localcloud.
+
+Twilio's side is the rig's `TwilioSide` (it speaks, presses keys and stays silent when told);
+localcloud's script engine decides what the caller said and its rules engine answers, with
+the tool calls its rules name. The after-stream TwiML is asked of the daemon's own webhook
+routes, over a socket, as Twilio asks it once the stream has ended.
+"""
+
+from __future__ import annotations
+
+import json
+import xml.etree.ElementTree as ET
+
+import httpx
+import pytest
+import trio
+from test_faults_rig import GUARD_S, caller_voices, fault_config, open_rig, open_twilio_side
+from test_webhook import serve_routes
+
+from agentd.dtmf import digits_message
+from agentd.server import webhook_routes
+
+PERSON_LINE = "can i talk to a person"
+BYE_LINE = "thanks goodbye"
+ORDER_LINE = "where is my order"
+FRONT_DESK = "+15555550100"
+HANDOFF = "Putting you through."
+GOODBYE = "Bye now."
+REPROMPT = "Still there?"
+_RULES = [
+    {"keywords": ["person"], "reply": "Of course.", "tool": "transfer_call", "arguments": '{"to": "front_desk"}'},
+    {"keywords": ["goodbye"], "reply": "Goodbye!", "tool": "end_call"},
+    {"keywords": ["order"], "reply": "", "tool": "order_status", "arguments": '{"order": "A7"}',
+     "after_tool": "Your order {result}."},
+]
+
+
+@pytest.fixture(scope="module")
+def voices(tmp_path_factory):
+    return caller_voices(tmp_path_factory.mktemp("voices"))
+
+
+@pytest.fixture
+def phone_config(base_config):
+    return fault_config(base_config, **{
+        "businesses.acme.rules": _RULES, "businesses.acme.handoff": HANDOFF,
+        "businesses.acme.goodbye": GOODBYE, "businesses.acme.reprompt": REPROMPT,
+        "businesses.acme.fillers": [], "turn.idle_reprompt_s": 30.0,
+    })
+
+
+async def ask_after(nursery, rig, call_sid: str) -> ET.Element:
+    """POST server.after_path as Twilio does when the stream ends; the TwiML it answers."""
+    config = rig.config.with_overrides(**{"server.public_url": "wss://agent.example.com/media"})
+    rig.server.services.config = config  # the webhook builds its URLs from the public address
+    port = await serve_routes(nursery, webhook_routes(rig.server, env={}))
+    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as client:
+        answer = await client.post(config.server.after_path, data={"CallSid": call_sid})
+    assert answer.status_code == 200
+    return ET.fromstring(answer.content)
+
+
+async def test_a_caller_who_asks_for_a_person_is_transferred_and_twilio_dials_the_desk(
+        phone_config, voices, nursery):
+    async with open_rig(phone_config, (PERSON_LINE,)) as rig:
+        with trio.fail_after(GUARD_S):
+            async with open_twilio_side(rig.url) as side:
+                await side.wait_for_reply(since=0)
+                side.say(voices["open"].audio)
+                await side.wait_until(lambda: side.close_code is not None)
+            call = await rig.call_record(side.call_sid)
+            twiml = await ask_after(nursery, rig, side.call_sid)
+            turns = rig.turns(side.call_sid)
+
+    assert call["end_reason"] == "agent transferred" and side.close_reason == "agent transferred"
+    assert twiml.find("Dial").text == FRONT_DESK
+    assert [t["canned"] for t in turns] == [None, "handoff"], "the handoff line is the agent's own"
+    assert turns[0]["reply_text"] == "Of course." and turns[1]["reply_text"] == HANDOFF
+    assert call["states"][-2:] == ["CLOSING", "ENDED"]
+
+
+async def test_a_caller_who_says_goodbye_is_hung_up_on_and_twilio_hangs_up(phone_config, voices, nursery):
+    async with open_rig(phone_config, (BYE_LINE,)) as rig:
+        with trio.fail_after(GUARD_S):
+            async with open_twilio_side(rig.url) as side:
+                await side.wait_for_reply(since=0)
+                side.say(voices["bye"].audio)
+                await side.wait_until(lambda: side.close_code is not None)
+            call = await rig.call_record(side.call_sid)
+            twiml = await ask_after(nursery, rig, side.call_sid)
+            turns = rig.turns(side.call_sid)
+
+    assert call["end_reason"] == "agent hung up"
+    assert twiml.find("Hangup") is not None
+    assert [t["reply_text"] for t in turns] == ["Goodbye!"], "the model's words were its goodbye: no line added"
+
+
+async def test_digits_the_caller_types_reach_the_model_as_their_turn(phone_config, voices):
+    async with open_rig(phone_config, ()) as rig:
+        with trio.fail_after(GUARD_S):
+            async with open_twilio_side(rig.url) as side:
+                await side.wait_for_reply(since=0)
+                await side.press("1234#")
+                await side.wait_until(lambda: rig.cloud.stats()["last_chat_request"] is not None)
+            await rig.call_record(side.call_sid)
+
+    request = rig.cloud.stats()["last_chat_request"]
+    assert request["messages"][-1] == {"role": "user", "content": digits_message("1234")}
+    assert [t["name"] for t in (tool["function"] for tool in request["tools"])][:2] == ["end_call", "transfer_call"]
+
+
+async def test_a_keypad_digit_the_business_maps_transfers_the_call(phone_config, nursery):
+    async with open_rig(phone_config, ()) as rig:
+        with trio.fail_after(GUARD_S):
+            async with open_twilio_side(rig.url) as side:
+                await side.wait_for_reply(since=0)
+                await side.press("0")
+                await side.wait_until(lambda: side.close_code is not None)
+            call = await rig.call_record(side.call_sid)
+            twiml = await ask_after(nursery, rig, side.call_sid)
+
+    assert call["end_reason"] == "agent transferred"
+    assert twiml.find("Dial").text == FRONT_DESK
+
+
+async def test_a_silent_caller_is_reprompted_then_the_agent_hangs_up(phone_config):
+    config = phone_config.with_overrides(**{"turn.idle_reprompt_s": 1.0, "turn.idle_max_reprompts": 1})
+    async with open_rig(config, ()) as rig:
+        with trio.fail_after(GUARD_S):
+            async with open_twilio_side(rig.url) as side:
+                await side.wait_until(lambda: side.close_code is not None)  # the caller never says a word
+            call = await rig.call_record(side.call_sid)
+            turns = rig.turns(side.call_sid)
+
+    assert call["end_reason"] == "caller silent"
+    assert [(t["canned"], t["reply_text"]) for t in turns] == [("reprompt", REPROMPT), ("goodbye", GOODBYE)]
+    assert call["states"][-4:] == ["SPEAKING", "REFRACTORY", "CLOSING", "ENDED"]
+
+
+async def test_a_business_tools_answer_goes_to_the_model_which_is_asked_again(
+        phone_config, voices, tool_server):
+    tool = {"name": "order_status", "description": "Where an order is.", "timeout_ms": 2000,
+            "url": f"http://127.0.0.1:{tool_server.port}/order",
+            "parameters": {"type": "object", "properties": {"order": {"type": "string"}}}}
+    config = phone_config.with_overrides(**{"businesses.acme.tools": [tool]})
+    async with open_rig(config, (ORDER_LINE,)) as rig:
+        with trio.fail_after(GUARD_S):
+            async with open_twilio_side(rig.url) as side:
+                await side.wait_for_reply(since=0)
+                side.say(voices["open"].audio)
+                await side.wait_until(lambda: rig.turns(side.call_sid))
+            await rig.call_record(side.call_sid)
+            [turn] = rig.turns(side.call_sid)
+
+    request = rig.cloud.stats()["last_chat_request"]
+    roles = [m["role"] for m in request["messages"] if m["role"] != "system"]
+    assert roles == ["user", "assistant", "tool"], "asked again with the call and its result"
+    assert json.loads(request["messages"][-1]["content"]) == {"slot": "Monday 9:00", "asked": {"order": "A7"}}
+    assert "Monday 9:00" in turn["reply_text"], "the model's second answer was said"
+    assert [path for path, _, _ in tool_server.requests] == ["/order"]
