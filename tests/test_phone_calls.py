@@ -159,3 +159,45 @@ async def test_a_business_tools_answer_goes_to_the_model_which_is_asked_again(
     assert json.loads(request["messages"][-1]["content"]) == {"slot": "Monday 9:00", "asked": {"order": "A7"}}
     assert "Monday 9:00" in turn["reply_text"], "the model's second answer was said"
     assert [path for path, _, _ in tool_server.requests] == ["/order"]
+
+
+async def tool_call(config, tool_server, voices, path: str, *, timeout_ms: int = 2000, fillers=()):
+    """A call whose one turn makes the model call the business tool at ``path``; its turn and last request."""
+    tool = {"name": "order_status", "description": "Where an order is.", "timeout_ms": timeout_ms,
+            "url": f"http://127.0.0.1:{tool_server.port}{path}",
+            "parameters": {"type": "object", "properties": {"order": {"type": "string"}}}}
+    # No speculative drafts: one request per round, so the tool is asked exactly once.
+    config = config.with_overrides(**{"businesses.acme.tools": [tool], "businesses.acme.fillers": list(fillers),
+                                      "spec.enabled": False})
+    async with open_rig(config, (ORDER_LINE,)) as rig:
+        with trio.fail_after(GUARD_S):
+            async with open_twilio_side(rig.url) as side:
+                await side.wait_for_reply(since=0)
+                await side.speak(voices["open"].audio)
+                await side.wait_until(lambda: asked_again(rig))  # the model has the tool's result
+                await side.wait_for_reply(since=side.slot)
+            await rig.call_record(side.call_sid)
+            turns = rig.turns(side.call_sid)
+    assert len(turns) == 1, [(t["reply_text"], t["caller_text"], t["canned"]) for t in turns]
+    return turns[0], rig.cloud.stats()["last_chat_request"]
+
+
+def asked_again(rig) -> bool:
+    request = rig.cloud.stats()["last_chat_request"]
+    return request is not None and request["messages"][-1]["role"] == "tool"
+
+
+async def test_a_slow_business_tool_gets_the_filler_first(phone_config, tool_server, voices):
+    turn, _ = await tool_call(phone_config, tool_server, voices, "/slow", timeout_ms=5000, fillers=["One moment."])
+    assert turn["reply_text"].startswith("One moment. ") and "filler" in turn["fallbacks"], turn
+    assert "Monday 9:00" in turn["reply_text"], "then the answer"
+
+
+@pytest.mark.parametrize(("path", "timeout_ms", "error"), [("/fails", 2000, "HTTP 503"),
+                                                          ("/never", 300, "no answer within 300 ms")])
+async def test_a_failing_or_silent_business_tool_is_reported_to_the_model_as_an_error(
+        phone_config, tool_server, voices, path, timeout_ms, error):
+    turn, request = await tool_call(phone_config, tool_server, voices, path, timeout_ms=timeout_ms)
+    result = json.loads(request["messages"][-1]["content"])
+    assert request["messages"][-1]["role"] == "tool" and error in result["error"]
+    assert turn["reply_text"], "the caller hears the model's answer to the error, never silence"
