@@ -340,8 +340,11 @@ async def test_a_call_past_max_call_duration_is_ended_by_the_agent(agent_config,
         report = await place_call(url, [], settle_ms=30_000)
     assert report.ended_by == "agent"
     assert "code=1000" in report.close_detail and "call duration limit" in report.close_detail
-    assert f"call={report.call_sid} ended: server.max_call_duration_s" in caplog.text
-    assert call_record(records, report.call_sid)["end_reason"] == "call duration limit"
+    assert f"call={report.call_sid} ending: server.max_call_duration_s" in caplog.text
+    call = call_record(records, report.call_sid)
+    assert call["end_reason"] == "call duration limit"
+    assert call["states"][-2:] == ["CLOSING", "ENDED"], "the goodbye played before the cut"
+    assert [t["canned"] for t in records if t["kind"] == "turn"] == ["goodbye"]
 
 
 async def test_a_socket_that_never_sends_start_is_closed(agent_config):
