@@ -17,6 +17,7 @@ carries out actions and records the facts they carry.
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -61,11 +62,11 @@ class Services:
     cache: AudioCache
     sink: telemetry.JsonlSink
     metronome: Metronome
+    # Business tools, on an HTTP client of their own so slow tools never hold the LLM's connections.
+    tools: BusinessTools
     observers: list[Callable[[dict], None]] = field(default_factory=list)
     # What each call decided for after its stream (a transfer), read by POST server.after_path.
     outcomes: CallOutcomes = field(default_factory=CallOutcomes)
-    # Business tools, on an HTTP client of their own so slow tools never hold the LLM's connections.
-    tools: BusinessTools | None = None
 
     def voice(self, business: Business) -> Voice:
         return Voice(language=business.language, name=business.voice,
@@ -89,6 +90,7 @@ class _Turn:
     caller_text: str = ""
     facts: dict = field(default_factory=dict)
     fallbacks: list[str] = field(default_factory=list)
+    taken: trio.Event = field(default_factory=trio.Event)  # the reply answers the caller's turn (a draft: once adopted)
     tool_messages: list[dict] = field(default_factory=list)  # tool rounds, in OpenAI format, for the history
     said_before_tools: int = 0  # pieces of the reply the tool rounds' messages already carry
 
@@ -348,7 +350,7 @@ class Call:
                              first_clause_min_chars=self._svc.config.llm.first_clause_min_chars,
                              stamp=lambda name: turn.timeline.stamp(name, trio.current_time()),
                              tools=call_tools.tools_for(self.business),
-                             on_calls=lambda text, calls: self._tool_round(action.reply, turn, text, calls))
+                             on_calls=functools.partial(self._tool_round, action.reply, turn))
         self._nursery.start_soon(lambda: turn.job.run(think=think))
         if action.draft:
             self._speculation["drafts"] += 1
@@ -378,22 +380,24 @@ class Call:
                           required_silence_ms=round(action.required_silence_s * 1000, 1))
         turn.fallbacks.extend(action.fallbacks)
         turn.caller_text = action.text
+        turn.taken.set()
         self.history = self.history.said_by_caller(action.text)
         turn.job.voice_now()
         if self.business.log_transcripts:
             log.info("call=%s turn=%d caller: %s", self.call_sid, reply, action.text)
 
-    async def _tool_round(self, reply: int, turn: _Turn, text: str, calls: list) -> list | None:
-        """Carry out the model's tool calls for reply ``reply``; the messages to ask again with, or None.
+    async def _tool_round(self, reply: int, turn: _Turn, text: str, calls: list, sentences: int) -> list | None:
+        """Carry out the model's tool calls for reply ``reply``, made after ``sentences`` sentences
+        (``text``); the messages to ask again with, or None.
 
         The round's messages join the history when the reply closes; an ending
         (end_call, transfer_call) goes to the FSM, which decides when it happens.
         """
-        if self._svc.tools is None:
-            raise RuntimeError("Services.tools is not set: business tools have no HTTP client")
+        await turn.taken.wait()  # a draft runs no tools: they may act on the business's systems
         outcome = await run_tool_calls(self.business, text, calls, self._svc.tools)
         turn.tool_messages.extend(outcome.messages)
-        turn.said_before_tools = len(turn.job.spoken)
+        # The history's assistant message with the calls carries those sentences (and a filler before them).
+        turn.said_before_tools = sentences + (1 if sentences and turn.job.filler_said else 0)
         ending = outcome.ending
         if isinstance(ending, call_tools.Transfer | call_tools.EndCall):
             number = ending.number if isinstance(ending, call_tools.Transfer) else ""

@@ -54,8 +54,8 @@ class _Sentence:
     cached: tuple[bytes, ...] | None = None  # pre-synthesized audio (apology)
 
 
-# (text said before the calls, the calls) -> messages to ask the model again with, or None
-ToolRoundHandler = Callable[[str, list], Awaitable[list | None]]
+# (text before the calls, the calls, sentences said so far) -> messages to ask the model again with, or None
+ToolRoundHandler = Callable[[str, list, int], Awaitable[list | None]]
 
 
 class ChunkedSynthesizer(Protocol):
@@ -289,15 +289,16 @@ def chat_thinker(chat, messages: Sequence[Mapping[str, str]], *, first_clause_mi
     """A ``think`` function: stream the LLM, cut it into speakable pieces, say each.
 
     With ``tools`` offered, the tool calls a request ends with go to ``on_calls``
-    (with the text said before them); it returns the messages to ask the model
-    again with, or None when the reply is over. ``max_rounds`` bounds a model
-    that keeps calling tools.
+    (with the text before them and how many sentences the reply has said); it
+    returns the messages to ask the model again with, or None when the reply is
+    over. ``max_rounds`` bounds a model that keeps calling tools.
     """
 
     async def think(say) -> None:
         splitter = SentenceSplitter(first_clause_min_chars=first_clause_min_chars)
         stamp("ai_start")
         request = list(messages)
+        said = 0
         for _ in range(max_rounds):
             text, calls = [], []
             async with chat.stream(request, tools=tools) as items:
@@ -309,13 +310,15 @@ def chat_thinker(chat, messages: Sequence[Mapping[str, str]], *, first_clause_mi
                     text.append(item)
                     for sentence in splitter.push(item):
                         stamp("ai_first_sentence")
+                        said += 1
                         await say(sentence)
             for sentence in splitter.flush():
                 stamp("ai_first_sentence")
+                said += 1
                 await say(sentence)
             if not calls or on_calls is None:
                 return
-            more = await on_calls("".join(text), calls)
+            more = await on_calls("".join(text), calls, said)
             if more is None:
                 return
             request += more

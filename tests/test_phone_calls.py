@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import xml.etree.ElementTree as ET
+from dataclasses import dataclass
 
 import httpx
 import pytest
@@ -61,39 +62,49 @@ async def ask_after(nursery, rig, call_sid: str) -> ET.Element:
     return ET.fromstring(answer.content)
 
 
-async def test_a_caller_who_asks_for_a_person_is_transferred_and_twilio_dials_the_desk(
-        phone_config, voices, nursery):
-    async with open_rig(phone_config, (PERSON_LINE,)) as rig:
+@dataclass
+class Ended:
+    """A call the agent ended: its record, its turns and what Twilio was told after the stream."""
+
+    call: dict
+    turns: list[dict]
+    after: ET.Element
+    close_reason: str | None
+
+
+async def call_until_the_agent_ends(nursery, config, heard: tuple[str, ...], act) -> Ended:
+    """A call on which localcloud hears ``heard``: after the greeting, ``await act(side)``; then wait
+    for the agent to end the call, and ask the after-stream TwiML as Twilio would."""
+    async with open_rig(config, heard) as rig:
         with trio.fail_after(GUARD_S):
             async with open_twilio_side(rig.url) as side:
                 await side.wait_for_reply(since=0)
-                side.say(voices["open"].audio)
+                await act(side)
                 await side.wait_until(lambda: side.close_code is not None)
             call = await rig.call_record(side.call_sid)
-            twiml = await ask_after(nursery, rig, side.call_sid)
-            turns = rig.turns(side.call_sid)
+            after = await ask_after(nursery, rig, side.call_sid)
+            return Ended(call, rig.turns(side.call_sid), after, side.close_reason)
 
-    assert call["end_reason"] == "agent transferred" and side.close_reason == "agent transferred"
-    assert twiml.find("Dial").text == FRONT_DESK
-    assert [t["canned"] for t in turns] == [None, "handoff"], "the handoff line is the agent's own"
-    assert turns[0]["reply_text"] == "Of course." and turns[1]["reply_text"] == HANDOFF
-    assert call["states"][-2:] == ["CLOSING", "ENDED"]
+
+async def test_a_caller_who_asks_for_a_person_is_transferred_and_twilio_dials_the_desk(
+        phone_config, voices, nursery):
+    ended = await call_until_the_agent_ends(nursery, phone_config, (PERSON_LINE,),
+                                            lambda side: side.speak(voices["open"].audio))
+
+    assert ended.call["end_reason"] == "agent transferred" and ended.close_reason == "agent transferred"
+    assert ended.after.find("Dial").text == FRONT_DESK
+    assert [t["canned"] for t in ended.turns] == [None, "handoff"], "the handoff line is the agent's own"
+    assert [t["reply_text"] for t in ended.turns] == ["Of course.", HANDOFF]
+    assert ended.call["states"][-2:] == ["CLOSING", "ENDED"]
 
 
 async def test_a_caller_who_says_goodbye_is_hung_up_on_and_twilio_hangs_up(phone_config, voices, nursery):
-    async with open_rig(phone_config, (BYE_LINE,)) as rig:
-        with trio.fail_after(GUARD_S):
-            async with open_twilio_side(rig.url) as side:
-                await side.wait_for_reply(since=0)
-                side.say(voices["bye"].audio)
-                await side.wait_until(lambda: side.close_code is not None)
-            call = await rig.call_record(side.call_sid)
-            twiml = await ask_after(nursery, rig, side.call_sid)
-            turns = rig.turns(side.call_sid)
+    ended = await call_until_the_agent_ends(nursery, phone_config, (BYE_LINE,),
+                                            lambda side: side.speak(voices["bye"].audio))
 
-    assert call["end_reason"] == "agent hung up"
-    assert twiml.find("Hangup") is not None
-    assert [t["reply_text"] for t in turns] == ["Goodbye!"], "the model's words were its goodbye: no line added"
+    assert ended.call["end_reason"] == "agent hung up"
+    assert ended.after.find("Hangup") is not None
+    assert [t["reply_text"] for t in ended.turns] == ["Goodbye!"], "the model's words were its goodbye"
 
 
 async def test_digits_the_caller_types_reach_the_model_as_their_turn(phone_config, voices):
@@ -111,17 +122,11 @@ async def test_digits_the_caller_types_reach_the_model_as_their_turn(phone_confi
 
 
 async def test_a_keypad_digit_the_business_maps_transfers_the_call(phone_config, nursery):
-    async with open_rig(phone_config, ()) as rig:
-        with trio.fail_after(GUARD_S):
-            async with open_twilio_side(rig.url) as side:
-                await side.wait_for_reply(since=0)
-                await side.press("0")
-                await side.wait_until(lambda: side.close_code is not None)
-            call = await rig.call_record(side.call_sid)
-            twiml = await ask_after(nursery, rig, side.call_sid)
+    ended = await call_until_the_agent_ends(nursery, phone_config, (), lambda side: side.press("0"))
 
-    assert call["end_reason"] == "agent transferred"
-    assert twiml.find("Dial").text == FRONT_DESK
+    assert ended.call["end_reason"] == "agent transferred"
+    assert ended.after.find("Dial").text == FRONT_DESK
+    assert [t["canned"] for t in ended.turns] == ["handoff"]
 
 
 async def test_a_silent_caller_is_reprompted_then_the_agent_hangs_up(phone_config):
