@@ -109,7 +109,8 @@ async def test_metrics_count_the_call_and_its_turns_in_the_named_families(config
                    if s.name == sample and labels.items() <= s.labels.items())
 
     turns = [r for r in records if r["kind"] == "turn"]
-    assert value("agentd_calls", "agentd_calls_total", business="acme", end_reason="stop") == 1
+    # The caller's last turn is a goodbye, on which the model ends the call.
+    assert value("agentd_calls", "agentd_calls_total", business="acme", end_reason="agent hung up") == 1
     assert value("agentd_turns", "agentd_turns_total", business="acme") == len(turns) == 2
     assert value("agentd_turn_v2v_seconds", "agentd_turn_v2v_seconds_count") == 2
     v2v_sum = sum(t["stages_ms"]["v2v"] for t in turns) / 1000

@@ -74,9 +74,10 @@ async def test_two_processes_on_one_port_both_take_calls_and_a_draining_one_take
             assert await a.agent.wait() == 0
             assert len(held) == dialed
             for report in held:
-                assert report.ended_by == "softphone" and [t.answered for t in report.turns] == [True, True]
+                assert [t.answered for t in report.turns] == [True, True]
             ended_on_a = [r for r in a.call_records() if r["call_sid"] in {h.call_sid for h in held}]
-            assert len(ended_on_a) == on_a and {r["end_reason"] for r in ended_on_a} == {"stop"}
+            # Each held call ended as its caller said goodbye (the model's end_call), never by the drain.
+            assert len(ended_on_a) == on_a and {r["end_reason"] for r in ended_on_a} == {"agent hung up"}
             new_on_b = [r for r in b.call_records() if r["call_sid"] in {n.call_sid for n in new_calls}]
             assert max(r["time"] for r in ended_on_a) > min(r["time"] for r in new_on_b), \
                 "a was still up, draining its own calls, when b answered the first new call"

@@ -59,9 +59,9 @@ async def test_sigterm_lets_the_call_in_progress_finish_refuses_new_ones_and_exi
 
     [report] = reports
     assert [turn.answered for turn in report.turns] == [True, True], "every turn finished"
-    assert report.ended_by == "softphone", "the caller hung up; the drain did not"
     [call] = load_records(str(telemetry), "calls")
-    assert (call["call_sid"], call["end_reason"], call["turns"]) == (report.call_sid, "stop", 2)
+    # The model ended the call on the caller's goodbye; the drain did not cut it.
+    assert (call["call_sid"], call["end_reason"], call["turns"]) == (report.call_sid, "agent hung up", 2)
     assert "time" in call
     assert any("drained in" in line for line in agent.lines)
 
