@@ -194,6 +194,7 @@ async def serve(config: Config, *, observers: list[Callable[[dict], None]] | Non
                                 cache=AudioCache(tts), sink=sink, metronome=metronome, observers=list(observers or ()),
                                 tools=BusinessTools(tools_http))
             server = Server(port=0, services=services, gate=gate, reload_config=reload_config, http=http)
+            server.routes.update(webhook_routes(server))  # the one URL an operator sets on the Twilio number
             server.cache_warm = await _warm_cache(services)
             _freeze_startup_objects()
             accepting = trio.CancelScope()

@@ -206,3 +206,14 @@ async def test_a_failing_or_silent_business_tool_is_reported_to_the_model_as_an_
     result = json.loads(request["messages"][-1]["content"])
     assert request["messages"][-1]["role"] == "tool" and error in result["error"]
     assert turn["reply_text"], "the caller hears the model's answer to the error, never silence"
+
+
+async def test_the_daemons_own_listener_serves_the_voice_and_after_routes(phone_config):
+    async with open_rig(phone_config, ()) as rig:
+        server = rig.config.server
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{rig.server.port}") as client:
+            voice = await client.post(server.voice_path, data={"CallSid": "CA1", "To": "+15551230000"})
+            after = await client.post(server.after_path, data={"CallSid": "CA1"})
+    # Without server.public_url there is no stream URL to answer with: routed, and refused as such.
+    assert voice.status_code == after.status_code == 503
+    assert voice.text == "server.public_url is not set\n"
