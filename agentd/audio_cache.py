@@ -15,7 +15,7 @@ import trio
 from agentd.codecs import mulaw
 from agentd.errors import UpstreamUnavailable
 from agentd.reply import Piece
-from agentd.tts_google import Synthesizer, Voice
+from agentd.adapters.tts_google import Synthesizer, Voice
 
 log = logging.getLogger(__name__)
 

@@ -27,19 +27,19 @@ import trio_websocket
 
 from agentd import call_tools, fsm, telemetry
 from agentd.audio_cache import AudioCache
-from agentd.business_tools import BusinessTools
+from agentd.adapters.business_tools import BusinessTools
 from agentd.codecs import twilio
 from agentd.config import Business, Config
 from agentd.errors import CallProtocolError, UpstreamUnavailable
-from agentd.grpc_bridge import Channel
+from agentd.adapters.grpc_bridge import Channel
 from agentd.history import History
-from agentd.llm_openai import build_messages
+from agentd.adapters.llm_openai import build_messages
 from agentd.media_socket import MediaSocket
 from agentd.metronome import Metronome
 from agentd.reply import Outlet, Piece, ReplyJob, Voicing, chat_thinker
-from agentd.stt_google import SttSettings, StreamingRecognizer
+from agentd.adapters.stt_google import SttSettings, StreamingRecognizer
 from agentd.tool_round import run_tool_calls
-from agentd.tts_google import Synthesizer, Voice
+from agentd.adapters.tts_google import Synthesizer, Voice
 from agentd.tx import FRAME_S, TxQueue
 from agentd.vad import VadSettings, VoiceActivity, VoiceEnded, VoiceStarted
 from agentd.webhook import CallOutcomes

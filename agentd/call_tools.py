@@ -9,7 +9,7 @@ follow, as declared.
 
 `decide` turns one completed call from the model into a `Decision`:
 `EndCall`, `Transfer` (target and number), `RunBusinessTool` (the tool and
-its arguments, for `agentd.business_tools`), or `Rejected` (a bad call, an
+its arguments, for `agentd.adapters.business_tools`), or `Rejected` (a bad call, an
 unknown tool or transfer target) whose `error` goes back to the model as the
 call's result (`error_result`), so the model can try again and the caller
 never meets silence. `dtmf_decision` does the same for a keypad digit the

@@ -134,12 +134,12 @@ def main(argv: list[str] | None = None) -> int:
     if command == "report":
         return _report(rest)
     if command == "localcloud":
-        from agentd.localcloud import main as localcloud_main
+        from agentd.testbed.localcloud import main as localcloud_main
         return localcloud_main(rest)
     if command == "call":
-        from agentd.softphone import main as call_main
+        from agentd.testbed.softphone import main as call_main
         return call_main(rest)
-    from agentd.demo import main as demo_main
+    from agentd.testbed.demo import main as demo_main
     return demo_main(rest)
 
 

@@ -1,4 +1,4 @@
-"""Errors typed by blame (STYLE.md rule 10).
+"""Errors typed by blame: who is at fault decides what happens to the call.
 
 Adapters translate foreign exceptions (grpc.RpcError, httpx.HTTPError, ...)
 into these once, at their edge; anything else is our own bug and propagates.

@@ -32,7 +32,7 @@ from agentd import fsm
 from agentd.codecs import mulaw, twilio
 from agentd.errors import UpstreamUnavailable
 from agentd.text import SentenceSplitter
-from agentd.tts_google import Synthesizer, Voice
+from agentd.adapters.tts_google import Synthesizer, Voice
 from agentd.tx import FRAME_S, TxQueue
 
 log = logging.getLogger(__name__)

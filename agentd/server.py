@@ -37,23 +37,23 @@ import trio_websocket
 
 from agentd import http1, logs, logsafe, ops, telemetry
 from agentd.audio_cache import AudioCache
-from agentd.business_tools import BusinessTools
+from agentd.adapters.business_tools import BusinessTools
 from agentd.call import Call, Services
 from agentd.codecs import twilio
 from agentd.config import Config, config_summary
 from agentd.drain import LiveCalls, run_until_drained
 from agentd.errors import AgentdError, CallProtocolError, ConfigError
 from agentd.frontdoor import Admission, CallBusy, FrontDoor
-from agentd.grpc_bridge import GrpcBridge
+from agentd.adapters.grpc_bridge import GrpcBridge
 from agentd.http1 import Routes
 from agentd.listeners import open_shared_tcp_listeners
-from agentd.llm_openai import ChatSettings, OpenAIChat
+from agentd.adapters.llm_openai import ChatSettings, OpenAIChat
 from agentd.media_socket import MediaSocket
 from agentd.metrics import Metrics, upstreams_failing
 from agentd.metronome import Metronome
 from agentd.notify import Notifier
 from agentd.security import CallTokenError, Gatekeeper
-from agentd.tts_google import GoogleStreamingTts, GoogleTts
+from agentd.adapters.tts_google import GoogleStreamingTts, GoogleTts
 from agentd.webhook import Webhook
 
 log = logging.getLogger(__name__)

@@ -29,7 +29,7 @@ from typing import Any
 
 import trio
 
-from agentd.business_tools import BusinessTools
+from agentd.adapters.business_tools import BusinessTools
 from agentd.call_tools import EndCall, Rejected, RunBusinessTool, Transfer, decide, error_result
 from agentd.config import Business
 from agentd.tool_calls import BadToolCall, ToolCall, assistant_tool_calls_message, tool_result_message

@@ -38,8 +38,8 @@ from typing import Generic, Self, TypeVar
 
 import numpy as np
 
-from agentd.caller_audio import synthesize_caller_turns
-from agentd.softphone_script import CallerTurn
+from agentd.testbed.softphone.caller_audio import synthesize_caller_turns
+from agentd.testbed.softphone.script import CallerTurn
 
 REPO = Path(__file__).resolve().parent.parent
 PYTHON = sys.executable

@@ -36,7 +36,7 @@ from pathlib import Path
 import trio
 
 from agentd.security import twilio_signature
-from agentd.softphone import place_call
+from agentd.testbed.softphone import place_call
 from bench import common
 
 ATTACKER = "127.0.0.2"

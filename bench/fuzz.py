@@ -29,10 +29,10 @@ from pathlib import Path
 import trio
 from hypothesis import HealthCheck, Phase, given, seed, settings
 
-from agentd.caller_audio import synthesize_caller_turns
+from agentd.testbed.softphone.caller_audio import synthesize_caller_turns
 from agentd.config import load_config
-from agentd.localcloud import LocalCloud, settings_from_config
-from agentd.softphone_script import CallerTurn
+from agentd.testbed.localcloud import LocalCloud, settings_from_config
+from agentd.testbed.softphone.script import CallerTurn
 
 # The property lives with its test; the tests directory is not a package (pytest puts it on sys.path).
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))

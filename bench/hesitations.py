@@ -36,13 +36,13 @@ from pathlib import Path
 
 import numpy as np
 
-from agentd.caller_audio import DEFAULT_THRESHOLD_DBFS, last_voiced_offset_ms, load_caller_wav, synthesize_caller_turns
+from agentd.testbed.softphone.caller_audio import DEFAULT_THRESHOLD_DBFS, last_voiced_offset_ms, load_caller_wav, synthesize_caller_turns
 from agentd.codecs.mulaw import FRAME_BYTES, SAMPLE_RATE_HZ, silence, split_frames, ulaw_decode
 from agentd.codecs.pcm import rms_dbfs
-from agentd.localcloud.segmenter import EnergySegmenter, SegmentStarted
-from agentd.localcloud.settings import LocalCloudSettings
-from agentd.localcloud.stt_engines import CONTINUES
-from agentd.softphone_script import CallerTurn
+from agentd.testbed.localcloud.segmenter import EnergySegmenter, SegmentStarted
+from agentd.testbed.localcloud.settings import LocalCloudSettings
+from agentd.testbed.localcloud.stt_engines import CONTINUES
+from agentd.testbed.softphone.script import CallerTurn
 from agentd.text import normalize_for_match
 from bench.common import Phrase
 

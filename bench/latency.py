@@ -37,8 +37,8 @@ from agentd.cli import setup_logging
 from agentd.config import Config, load_config
 from agentd.errors import UpstreamUnavailable
 from agentd.server import serve
-from agentd.softphone import CallReport, place_call
-from agentd.softphone_script import CallerTurn
+from agentd.testbed.softphone import CallReport, place_call
+from agentd.testbed.softphone.script import CallerTurn
 from agentd.text import normalize_for_match
 from bench import common
 from bench.common import fmt_p as _p

@@ -28,11 +28,11 @@ import httpx
 
 from agentd.codecs.mulaw import silence, split_frames
 from agentd.config import Config
-from agentd.llm_openai import build_messages
-from agentd.localcloud.chat import rules_answer, tokens
-from agentd.softphone_script import CallerTurn
+from agentd.adapters.llm_openai import build_messages
+from agentd.testbed.localcloud.chat import rules_answer, tokens
+from agentd.testbed.softphone.script import CallerTurn
 from agentd.text import SentenceSplitter
-from agentd.tts_google import Voice, synthesize_request
+from agentd.adapters.tts_google import Voice, synthesize_request
 from agentd.vad import VadSettings, VoiceActivity, VoiceEnded
 from bench import common
 

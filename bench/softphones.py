@@ -30,8 +30,8 @@ import trio
 
 from agentd.errors import UpstreamUnavailable
 from agentd.metronome import Metronome
-from agentd.softphone import CallReport, place_call
-from agentd.softphone_script import CallerTurn
+from agentd.testbed.softphone import CallReport, place_call
+from agentd.testbed.softphone.script import CallerTurn
 from bench import common
 
 CALL_TIMEOUT_S = 240.0

@@ -39,8 +39,8 @@ import httpx
 
 from agentd.cli import setup_logging
 from agentd.config import Config, load_config
-from agentd.softphone import CallReport
-from agentd.softphone_script import CallerTurn, TurnReport
+from agentd.testbed.softphone import CallReport
+from agentd.testbed.softphone.script import CallerTurn, TurnReport
 from agentd.text import normalize_for_match
 from bench import common, latency
 from bench.common import fmt_p as _p

@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator
 import trio
 
 from agentd.config import Config, load_config
-from agentd.demo import demo_config
+from agentd.testbed.demo import demo_config
 from agentd.server import Server, serve
 
 GUARD_S = 30  # a guard against hangs, not a performance assertion

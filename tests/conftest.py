@@ -5,12 +5,12 @@ from __future__ import annotations
 import httpx
 import pytest
 
-from agentd.business_tools import BusinessTools
-from agentd.caller_audio import synthesize_caller_turns
+from agentd.adapters.business_tools import BusinessTools
+from agentd.testbed.softphone.caller_audio import synthesize_caller_turns
 from agentd.config import load_config
-from agentd.demo import demo_config
-from agentd.localcloud import LocalCloud, settings_from_config
-from agentd.softphone_script import CallerTurn
+from agentd.testbed.demo import demo_config
+from agentd.testbed.localcloud import LocalCloud, settings_from_config
+from agentd.testbed.softphone.script import CallerTurn
 from tests.tool_server import ToolServer
 
 HOURS_LINE = "what time do you open tomorrow"

@@ -3,9 +3,9 @@
 import numpy as np
 import pytest
 
-from agentd.caller_audio import last_voiced_offset_ms
+from agentd.testbed.softphone.caller_audio import last_voiced_offset_ms
 from agentd.codecs.mulaw import ulaw_encode
-from agentd.softphone_script import TurnReport
+from agentd.testbed.softphone.script import TurnReport
 from bench.hesitations import CORPUS, MAX_PAUSE_MS, MIN_PAUSE_MS, first_voiced_offset_ms, join_with_pause, script_lines
 from bench.turn_taking import heard_the_end, owner, verdict
 

@@ -14,7 +14,7 @@ from functools import partial
 import pytest
 import trio
 
-from agentd.business_tools import MAX_ANSWER_BYTES, BusinessTools, ToolAnswer, ToolFailure
+from agentd.adapters.business_tools import MAX_ANSWER_BYTES, BusinessTools, ToolAnswer, ToolFailure
 from agentd.config import BusinessTool
 from tests.tool_server import ToolServer
 

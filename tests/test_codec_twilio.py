@@ -1,4 +1,4 @@
-"""Twilio Media Streams codec: the wire shapes of PROTOCOLS.md, both directions."""
+"""Twilio Media Streams codec: the wire shapes of docs/wire.md, both directions."""
 
 import base64
 import json

@@ -16,7 +16,7 @@ from audio_helpers import silence, tone
 from google.cloud.speech_v1 import types as speech
 from google.cloud.texttospeech_v1 import types as tts
 
-from agentd.localcloud import LocalCloud, LocalCloudSettings
+from agentd.testbed.localcloud import LocalCloud, LocalCloudSettings
 
 SCRIPT = ("first line", "second line", "third line")
 UTTERANCE = tone(500) + silence(600)  # one voiced segment, closed by the silence after it

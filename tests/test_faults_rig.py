@@ -28,16 +28,16 @@ import trio
 import trio_websocket
 from agent_harness import turns_of, wait_for_call_record
 
-from agentd.caller_audio import synthesize_caller_turns
+from agentd.testbed.softphone.caller_audio import synthesize_caller_turns
 from agentd.codecs import twilio
 from agentd.codecs.mulaw import silence, split_frames, ulaw_decode
 from agentd.codecs.pcm import rms_dbfs
 from agentd.config import Config
-from agentd.demo import demo_config
-from agentd.localcloud import LocalCloud, settings_from_config
+from agentd.testbed.demo import demo_config
+from agentd.testbed.localcloud import LocalCloud, settings_from_config
 from agentd.server import Server, serve
-from agentd.softphone_playback import SLOT_MS, PlaybackBuffer
-from agentd.softphone_script import CallerTurn
+from agentd.testbed.softphone.playback import SLOT_MS, PlaybackBuffer
+from agentd.testbed.softphone.script import CallerTurn
 
 SLOT_S = SLOT_MS / 1000
 SETTLE_SLOTS = 35  # 700 ms of agent quiet ends a reply (the softphone's settle_ms)

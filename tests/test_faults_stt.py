@@ -30,7 +30,7 @@ from test_faults_rig import (
     without_filler,
 )
 
-from agentd.softphone import place_call
+from agentd.testbed.softphone import place_call
 
 STREAM_LIMIT = "Exceeded maximum allowed stream duration"
 
@@ -46,7 +46,7 @@ def answered(turns: list[dict]) -> list[tuple[str, str]]:
 
 
 async def test_streams_rotate_before_the_duration_limit_and_no_turn_is_lost_or_doubled(base_config, voices, caplog):
-    caplog.set_level(logging.INFO, logger="agentd.stt_google")
+    caplog.set_level(logging.INFO, logger="agentd.adapters.stt_google")
     config = fault_config(base_config, **{"stt.rotate_after_s": 5})
     script = (OPEN_LINE, PRICE_LINE, BYE_LINE)
     async with open_rig(config, script, stt_stream_limit_s=8) as rig:

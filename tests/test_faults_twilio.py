@@ -29,7 +29,7 @@ from test_faults_rig import (
     wait_until_released,
 )
 
-from agentd.softphone_playback import SLOT_MS
+from agentd.testbed.softphone.playback import SLOT_MS
 
 
 @pytest.fixture(scope="module")

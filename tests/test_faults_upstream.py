@@ -29,7 +29,7 @@ from test_faults_rig import (
     without_filler,
 )
 
-from agentd.softphone import CallReport, place_call
+from agentd.testbed.softphone import CallReport, place_call
 
 HEARD_WITHIN_MS = 1500  # the spec: apology or filler within 1.5 s of the end of the caller's turn
 

@@ -32,10 +32,10 @@ from agentd.codecs import twilio
 from agentd.config import load_config
 from agentd.errors import UpstreamUnavailable
 from agentd.frontdoor import FrontDoor, PendingBudget, RefusalLog
-from agentd.llm_openai import ChatSettings, OpenAIChat
+from agentd.adapters.llm_openai import ChatSettings, OpenAIChat
 from agentd.security import twilio_signature
 from agentd.server import Server
-from agentd.softphone import place_call
+from agentd.testbed.softphone import place_call
 
 AUTH_TOKEN = "front-door-auth-token-0123456789"
 TOKEN_ENV = "AGENTD_TEST_FRONT_DOOR_TOKEN"

@@ -20,8 +20,8 @@ from google.cloud.texttospeech_v1 import types as tts
 from audio_helpers import silence, tone
 
 from agentd.codecs import riff
-from agentd.grpc_bridge import OUTBOX_DELAY_S, GrpcBridge, RpcFailure
-from agentd.localcloud import LocalCloud, LocalCloudSettings
+from agentd.adapters.grpc_bridge import OUTBOX_DELAY_S, GrpcBridge, RpcFailure
+from agentd.testbed.localcloud import LocalCloud, LocalCloudSettings
 
 GUARD_S = 10
 SCRIPT_LINE = "hello there friend"

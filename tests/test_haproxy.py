@@ -22,7 +22,7 @@ import pytest
 import trio
 from node_harness import Node, agentd_node, wait_calls_active, wait_until_recorded
 
-from agentd.softphone import CallReport, place_call
+from agentd.testbed.softphone import CallReport, place_call
 from bench.common import free_port
 
 HAPROXY_CFG = Path(__file__).resolve().parent.parent / "etc" / "haproxy.cfg"

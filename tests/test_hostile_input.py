@@ -71,11 +71,11 @@ from hypothesis import strategies as st
 
 from agentd.codecs import twilio
 from agentd.config import Config, load_config
-from agentd.demo import demo_config
-from agentd.localcloud import LocalCloud, settings_from_config
+from agentd.testbed.demo import demo_config
+from agentd.testbed.localcloud import LocalCloud, settings_from_config
 from agentd.server import printable, serve
-from agentd.softphone import CallReport, place_call
-from agentd.softphone_script import CallerTurn
+from agentd.testbed.softphone import CallReport, place_call
+from agentd.testbed.softphone.script import CallerTurn
 
 CAP = 65536  # server.max_message_bytes (the shipped default), the size the strategies aim around
 STREAM_SID = "MZ" + "f" * 32

@@ -18,7 +18,7 @@ from agentd import metrics
 
 from agentd.codecs.sse import LlmStreamError
 from agentd.errors import UpstreamUnavailable
-from agentd.llm_openai import ChatModel, ChatSettings, OpenAIChat, build_messages
+from agentd.adapters.llm_openai import ChatModel, ChatSettings, OpenAIChat, build_messages
 from shipped import SHIPPED
 
 GUARD_S = 60.0  # far beyond any timeout under test

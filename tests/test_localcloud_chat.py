@@ -10,8 +10,8 @@ import httpx
 import pytest
 
 from agentd.config import Business, Rule, load_config
-from agentd.localcloud import LocalCloud, LocalCloudSettings, settings_from_config
-from agentd.localcloud.chat import NO_BUSINESS_REPLY
+from agentd.testbed.localcloud import LocalCloud, LocalCloudSettings, settings_from_config
+from agentd.testbed.localcloud.chat import NO_BUSINESS_REPLY
 
 PLUMBER = Business(
     name="plumber",

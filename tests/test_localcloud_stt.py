@@ -19,7 +19,7 @@ from google.cloud.speech_v1 import types as speech
 from audio_helpers import silence, tone
 
 from agentd.codecs import mulaw, pcm
-from agentd.localcloud import LocalCloud, LocalCloudSettings
+from agentd.testbed.localcloud import LocalCloud, LocalCloudSettings
 
 SCRIPT = ("hello there friend", "second line")
 CALL_TIMEOUT_S = 20

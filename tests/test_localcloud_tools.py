@@ -15,8 +15,8 @@ import trio
 
 from agentd.call_tools import EndCall, Rejected, Transfer, decide, error_result, tools_for
 from agentd.config import load_config
-from agentd.llm_openai import ChatSettings, OpenAIChat, build_messages
-from agentd.localcloud import LocalCloud, settings_from_config
+from agentd.adapters.llm_openai import ChatSettings, OpenAIChat, build_messages
+from agentd.testbed.localcloud import LocalCloud, settings_from_config
 from agentd.tool_calls import BadToolCall, ToolCall, assistant_tool_calls_message, tool_result_message
 from tests.test_localcloud_chat import data_events, sse_lines
 

@@ -9,7 +9,7 @@ from google.cloud.texttospeech_v1 import types as tts
 
 from agentd.codecs import mulaw, riff
 from agentd.codecs.pcm import rms_dbfs
-from agentd.localcloud import LocalCloud, LocalCloudSettings
+from agentd.testbed.localcloud import LocalCloud, LocalCloudSettings
 
 CALL_TIMEOUT_S = 20
 HEBREW = "שלום, אנחנו פתוחים מחר משמונה בבוקר."

@@ -14,13 +14,13 @@ import numpy as np
 import pytest
 
 from agentd.codecs import riff
-from agentd.localcloud import LocalCloud, LocalCloudSettings, read_script
-from agentd.localcloud.chat import has_word, status_error, tokens, validate_chat_request
-from agentd.localcloud.cli import build_parser, settings_from_args
-from agentd.localcloud.espeak import espeak_voice, espeak_words_per_minute, ssml_to_text
-from agentd.localcloud.segmenter import EnergySegmenter, Framer, SegmentEnded, SegmentStarted
-from agentd.localcloud.settings import CloudState
-from agentd.localcloud.stt_engines import (
+from agentd.testbed.localcloud import LocalCloud, LocalCloudSettings, read_script
+from agentd.testbed.localcloud.chat import has_word, status_error, tokens, validate_chat_request
+from agentd.testbed.localcloud.cli import build_parser, settings_from_args
+from agentd.testbed.localcloud.espeak import espeak_voice, espeak_words_per_minute, ssml_to_text
+from agentd.testbed.localcloud.segmenter import EnergySegmenter, Framer, SegmentEnded, SegmentStarted
+from agentd.testbed.localcloud.settings import CloudState
+from agentd.testbed.localcloud.stt_engines import (
     Hypothesis,
     ScriptCursor,
     ScriptDecoder,
@@ -28,7 +28,7 @@ from agentd.localcloud.stt_engines import (
     StreamRecognizer,
     upsample_2x,
 )
-from agentd.localcloud.tts_service import corrupt_riff
+from agentd.testbed.localcloud.tts_service import corrupt_riff
 
 FRAME = 160
 

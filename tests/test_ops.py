@@ -15,7 +15,7 @@ from agent_harness import turns_of, wait_for_call_record
 from prometheus_client.parser import text_string_to_metric_families
 
 from agentd.server import serve
-from agentd.softphone import place_call
+from agentd.testbed.softphone import place_call
 
 OPS_LIMIT_S = 90  # a guard against hangs, not a performance assertion
 FAMILIES = {  # the contract of issue 9: name -> (type, labels)

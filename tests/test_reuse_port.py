@@ -17,7 +17,7 @@ import trio
 from node_harness import agentd_node, wait_calls_active, wait_until_recorded
 
 from agentd.listeners import open_shared_tcp_listeners
-from agentd.softphone import place_call
+from agentd.testbed.softphone import place_call
 
 TEST_LIMIT_S = 90  # a guard against hangs, not a performance assertion
 NEW_CALLS = 3  # placed while a drains: each must land on b

@@ -19,17 +19,17 @@ import trio
 import trio_websocket
 from agent_harness import acme_config, call_record, serving
 
-from agentd import softphone
+from agentd.testbed import softphone
 from agentd.codecs import twilio
 from agentd.config import load_config
 from agentd.errors import CallProtocolError, ConfigError
-from agentd.localcloud import LocalCloud, settings_from_config
+from agentd.testbed.localcloud import LocalCloud, settings_from_config
 from agentd.security import (
     CallTokenCheck, CallTokenError, Gatekeeper, SignatureCheck, UpgradeRefused, make_call_token,
     twilio_signature,
 )
 from agentd.server import serve
-from agentd.softphone import place_call
+from agentd.testbed.softphone import place_call
 
 AUTH_TOKEN = "test-auth-token-0123456789abcdef"
 CALL_SECRET = "test-call-token-secret"

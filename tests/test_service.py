@@ -21,7 +21,7 @@ from service_harness import agent_env, config_file, running_agentd, write_acme_g
 
 from agentd.call import Call
 from agentd.report import load_records
-from agentd.softphone import place_call
+from agentd.testbed.softphone import place_call
 
 SERVICE_LIMIT_S = 120  # a guard against hangs, not a performance assertion
 CALL_IS_UP = r"call=CA\w+ \w+->LISTENING"

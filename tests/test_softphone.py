@@ -27,15 +27,15 @@ from hypothesis import given
 from hypothesis import strategies as st
 from trio_websocket import ConnectionClosed, serve_websocket
 
-from agentd import softphone
-from agentd.caller_audio import CallerAudioError, last_voiced_offset_ms, load_caller_wav, synthesize_caller_turns
+from agentd.testbed import softphone
+from agentd.testbed.softphone.caller_audio import CallerAudioError, last_voiced_offset_ms, load_caller_wav, synthesize_caller_turns
 from agentd.codecs import twilio
 from agentd.codecs.mulaw import FRAME_BYTES, SILENCE_BYTE, silence, ulaw_decode, ulaw_encode
 from agentd.codecs.pcm import rms_dbfs
 from agentd.codecs.riff import MULAW, build_wav
-from agentd.softphone import CallerTurn, place_call, twilio_signature
-from agentd.softphone_playback import PlaybackBuffer, Recording
-from agentd.softphone_script import CallScript, Phase, SlotFacts
+from agentd.testbed.softphone import CallerTurn, place_call, twilio_signature
+from agentd.testbed.softphone.playback import PlaybackBuffer, Recording
+from agentd.testbed.softphone.script import CallScript, Phase, SlotFacts
 
 # -- audio fixtures ---------------------------------------------------------------------------
 

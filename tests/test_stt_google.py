@@ -25,9 +25,9 @@ from shipped import SHIPPED
 
 from agentd import fsm
 from agentd.errors import UpstreamUnavailable
-from agentd.grpc_bridge import GrpcBridge
-from agentd.localcloud import LocalCloud, LocalCloudSettings
-from agentd.stt_google import (
+from agentd.adapters.grpc_bridge import GrpcBridge
+from agentd.testbed.localcloud import LocalCloud, LocalCloudSettings
+from agentd.adapters.stt_google import (
     SttResult,
     SttSettings,
     StreamingRecognizer,

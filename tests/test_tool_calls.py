@@ -11,7 +11,7 @@ import pytest
 import trio
 
 from agentd.codecs.sse import ChatDelta, LlmStreamError, ToolCallFragment, parse_chat_event
-from agentd.llm_openai import build_messages
+from agentd.adapters.llm_openai import build_messages
 from agentd.tool_calls import (
     BadToolCall, ToolCall, ToolCallAssembler, assistant_tool_calls_message, function_tool, tool_names,
     tool_result_message,

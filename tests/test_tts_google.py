@@ -17,9 +17,9 @@ from agentd.codecs import riff
 from agentd.codecs.mulaw import ulaw_decode
 from agentd.codecs.pcm import rms_dbfs
 from agentd.errors import UpstreamUnavailable
-from agentd.grpc_bridge import GrpcBridge
-from agentd.localcloud import LocalCloud, LocalCloudSettings
-from agentd.tts_google import GoogleTts, Voice, audio_from_response, synthesize_request
+from agentd.adapters.grpc_bridge import GrpcBridge
+from agentd.testbed.localcloud import LocalCloud, LocalCloudSettings
+from agentd.adapters.tts_google import GoogleTts, Voice, audio_from_response, synthesize_request
 
 GUARD_S = 20  # a hang fails the test; not a performance assertion
 SAMPLES = bytes(range(1, 201))  # 25 ms of mu-law, no byte looks like a header

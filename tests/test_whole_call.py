@@ -15,7 +15,7 @@ from agent_harness import call_record, start_agent, turns_of, wait_for_call_reco
 from conftest import BYE_LINE, HOURS_LINE
 
 from agentd.codecs import twilio
-from agentd.softphone import CallReport, place_call
+from agentd.testbed.softphone import CallReport, place_call
 
 CALL_LIMIT_S = 60  # a guard against hangs, not a performance assertion
 BAD_CALL, BAD_STREAM = "CA" + "bad0" * 8, "MZ" + "bad0" * 8

@@ -11,7 +11,7 @@ import json
 import h11
 import trio
 
-from agentd.business_tools import MAX_ANSWER_BYTES
+from agentd.adapters.business_tools import MAX_ANSWER_BYTES
 
 
 class ToolServer:

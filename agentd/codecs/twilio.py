@@ -9,7 +9,7 @@ Both ends of the socket live here, as pure functions on text:
   `render_inbound_media`, ... build what Twilio would send, and
   `parse_outbound` checks what the agent sent.
 
-Wire facts (PROTOCOLS.md): messages are JSON text frames; numeric-looking
+Wire facts (docs/wire.md): messages are JSON text frames; numeric-looking
 fields (`sequenceNumber`, `chunk`, `timestamp`) are strings on the wire, but
 integers are accepted too; unknown extra keys are ignored for forward
 compatibility. Anything malformed raises `TwilioCodecError`, whose message

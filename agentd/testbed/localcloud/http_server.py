@@ -32,7 +32,7 @@ from typing import Any
 
 import h11
 
-from agentd.localcloud.chat import (
+from agentd.testbed.localcloud.chat import (
     SERVER_ERROR,
     ChatRequestError,
     Completion,
@@ -46,7 +46,7 @@ from agentd.localcloud.chat import (
     usage_of,
     validate_chat_request,
 )
-from agentd.localcloud.settings import CloudState, LocalCloudSettings
+from agentd.testbed.localcloud.settings import CloudState, LocalCloudSettings
 
 READ_BYTES = 65536
 TOOL_ARGUMENT_PIECE_CHARS = 6  # small, so even short arguments take several chunks

@@ -25,9 +25,9 @@ every time is an argument, in ms of media time since `start` was sent.
 import enum
 from dataclasses import dataclass, field
 
-from agentd.caller_audio import last_voiced_offset_ms, load_caller_wav
+from agentd.testbed.softphone.caller_audio import last_voiced_offset_ms, load_caller_wav
 from agentd.codecs.mulaw import SAMPLE_RATE_HZ, silence, split_frames
-from agentd.softphone_playback import SLOT_MS
+from agentd.testbed.softphone.playback import SLOT_MS
 
 DTMF_DIGITS = frozenset("0123456789*#ABCD")
 

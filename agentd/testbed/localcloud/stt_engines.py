@@ -31,7 +31,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from agentd.localcloud.segmenter import (
+from agentd.testbed.localcloud.segmenter import (
     FRAME_MS,
     EnergySegmenter,
     Framer,

@@ -7,7 +7,7 @@
 - StreamingSynthesize (Chirp 3 HD style): first request `streaming_config`,
   then `input.text` requests; each input is answered with audio chunks of
   about 200 ms. Whether Google's streamed MULAW chunks carry a RIFF header is
-  unconfirmed (PROTOCOLS.md); localcloud sends them **headerless**, the
+  unconfirmed (docs/wire.md); localcloud sends them **headerless**, the
   stricter case for a client that would otherwise cut a fixed header.
 - ListVoices: a small static catalogue (Hebrew and US English).
 
@@ -30,8 +30,8 @@ import grpc
 from google.cloud.texttospeech_v1 import types as tts
 
 from agentd.codecs import riff
-from agentd.localcloud.espeak import SynthesisError, encode_audio, ssml_to_text, synthesize
-from agentd.localcloud.settings import CloudState
+from agentd.testbed.localcloud.espeak import SynthesisError, encode_audio, ssml_to_text, synthesize
+from agentd.testbed.localcloud.settings import CloudState
 
 SERVICE = "google.cloud.texttospeech.v1.TextToSpeech"
 STREAM_CHUNK_MS = 200

@@ -18,11 +18,11 @@ from typing import Any
 
 import grpc
 
-from agentd.localcloud.http_server import OpenAiHttpServer
-from agentd.localcloud.settings import CloudState, Faults, LocalCloudSettings
-from agentd.localcloud.speech_service import SpeechService
-from agentd.localcloud.stt_engines import DecoderPool, ScriptCursor
-from agentd.localcloud.tts_service import TextToSpeechService
+from agentd.testbed.localcloud.http_server import OpenAiHttpServer
+from agentd.testbed.localcloud.settings import CloudState, Faults, LocalCloudSettings
+from agentd.testbed.localcloud.speech_service import SpeechService
+from agentd.testbed.localcloud.stt_engines import DecoderPool, ScriptCursor
+from agentd.testbed.localcloud.tts_service import TextToSpeechService
 
 START_TIMEOUT_S = 30.0
 STOP_TIMEOUT_S = 5.0

@@ -9,8 +9,8 @@ import threading
 from typing import Any
 
 from agentd.errors import ConfigError
-from agentd.localcloud.server import LocalCloud
-from agentd.localcloud.settings import STT_ENGINES, LocalCloudSettings, read_script
+from agentd.testbed.localcloud.server import LocalCloud
+from agentd.testbed.localcloud.settings import STT_ENGINES, LocalCloudSettings, read_script
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -28,8 +28,8 @@ import grpc
 from google.cloud.speech_v1 import types as speech
 
 from agentd.codecs.mulaw import SAMPLE_RATE_HZ, ulaw_decode
-from agentd.localcloud.settings import CloudState
-from agentd.localcloud.stt_engines import (
+from agentd.testbed.localcloud.settings import CloudState
+from agentd.testbed.localcloud.stt_engines import (
     DecoderPool,
     Hypothesis,
     RecognitionEvent,

@@ -30,13 +30,13 @@ from typing import Callable
 import trio
 from trio_websocket import ConnectionClosed, DisconnectionTimeout, HandshakeError, open_websocket_url
 
-from agentd.caller_audio import CallerAudioError, synthesize_caller_turns
+from agentd.testbed.softphone.caller_audio import CallerAudioError, synthesize_caller_turns
 from agentd.codecs import twilio
 from agentd.errors import UpstreamUnavailable
 from agentd.metronome import Metronome
 from agentd.security import twilio_signature
-from agentd.softphone_playback import SLOT_MS, PlaybackBuffer, Recording
-from agentd.softphone_script import CallerTurn, CallScript, GreetingReport, SlotFacts, TurnReport
+from agentd.testbed.softphone.playback import SLOT_MS, PlaybackBuffer, Recording
+from agentd.testbed.softphone.script import CallerTurn, CallScript, GreetingReport, SlotFacts, TurnReport
 
 __all__ = ["CallReport", "CallerTurn", "Violation", "format_report", "main", "place_call", "twilio_signature"]
 

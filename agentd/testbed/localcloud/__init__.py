@@ -17,8 +17,8 @@ Modules: `settings` (knobs, faults, counters), `segmenter` + `stt_engines`
 `http_server`, `server` (`LocalCloud`), `cli` (`main`).
 """
 
-from agentd.localcloud.cli import main
-from agentd.localcloud.server import LocalCloud
-from agentd.localcloud.settings import Faults, LocalCloudSettings, read_script, settings_from_config
+from agentd.testbed.localcloud.cli import main
+from agentd.testbed.localcloud.server import LocalCloud
+from agentd.testbed.localcloud.settings import Faults, LocalCloudSettings, read_script, settings_from_config
 
 __all__ = ["Faults", "LocalCloud", "LocalCloudSettings", "main", "read_script", "settings_from_config"]

@@ -19,7 +19,7 @@ from google.cloud.texttospeech_v1.types import cloud_tts
 from agentd.codecs import riff
 from agentd.errors import UpstreamUnavailable
 from agentd.metrics import count_upstream_error
-from agentd.grpc_bridge import Channel, RpcFailure
+from agentd.adapters.grpc_bridge import Channel, RpcFailure
 
 _METHOD = "/google.cloud.texttospeech.v1.TextToSpeech/SynthesizeSpeech"
 _STREAM_METHOD = "/google.cloud.texttospeech.v1.TextToSpeech/StreamingSynthesize"

@@ -1,6 +1,6 @@
-"""The one door between Trio and grpcio (STYLE.md rule 8).
+"""The one door between Trio and grpcio: nothing else in agentd knows how grpc runs.
 
-grpcio has no Trio support. Measured on this kind of machine (PROTOCOLS.md),
+grpcio has no Trio support. Measured on this kind of machine (docs/wire.md),
 one asyncio event loop in one worker thread hosting ``grpc.aio`` for every
 stream costs about half the CPU of a thread per stream and keeps real time at
 150 streams, so that is the bridge: Trio -> asyncio with

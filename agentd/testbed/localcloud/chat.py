@@ -27,7 +27,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from agentd.localcloud.settings import BusinessLike
+from agentd.testbed.localcloud.settings import BusinessLike
 
 NO_BUSINESS_REPLY = "I'm sorry, I didn't catch that."
 _TOKEN = re.compile(r"\S+\s*")

@@ -30,7 +30,7 @@ from agentd import fsm, logsafe
 from agentd.config import Config
 from agentd.errors import UpstreamUnavailable
 from agentd.metrics import count_upstream_error
-from agentd.grpc_bridge import Channel, RpcFailure
+from agentd.adapters.grpc_bridge import Channel, RpcFailure
 
 log = logging.getLogger(__name__)
 

@@ -21,14 +21,14 @@ from pathlib import Path
 import trio
 
 from agentd import telemetry
-from agentd.caller_audio import synthesize_caller_turns
-from agentd.cli import setup_logging
+from agentd.testbed.softphone.caller_audio import synthesize_caller_turns
+from agentd.logs import setup_logging
 from agentd.config import Config, load_config
-from agentd.localcloud import LocalCloud
-from agentd.localcloud.settings import settings_from_config
+from agentd.testbed.localcloud import LocalCloud
+from agentd.testbed.localcloud.settings import settings_from_config
 from agentd.server import serve
-from agentd.softphone import CallReport, place_call
-from agentd.softphone_script import CallerTurn
+from agentd.testbed.softphone import CallReport, place_call
+from agentd.testbed.softphone.script import CallerTurn
 
 DEMO_TURNS = (
     "What time do you open tomorrow?",
@@ -104,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"Saved the call as {out} (stereo: caller left, agent right); telemetry in {out.parent / 'telemetry'}")
     answered = sum(1 for r in records if r["kind"] == "turn" and r.get("reply_text"))
     if answered < len(turns):
-        logging.getLogger("agentd.demo").error("only %d of %d turns were answered", answered, len(turns))
+        logging.getLogger("agentd.testbed.demo").error("only %d of %d turns were answered", answered, len(turns))
         return 1
     return 0
 
