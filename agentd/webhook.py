@@ -41,7 +41,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
-from agentd import twiml
+from agentd import logsafe, twiml
 from agentd.config import Config
 from agentd.errors import CallProtocolError
 from agentd.http1 import Handler, Request, Response, Routes
@@ -156,8 +156,9 @@ class Webhook:
         token_param = self._config.server.call_token_param
         if token_param and self._call_token_secret:
             parameters[token_param] = make_call_token(self._call_token_secret, form.get("CallSid", ""))
-        log.info("call=%s voice webhook: To=%s business=%s", form.get("CallSid", "?"), form.get("To", "?"),
-                 business.name)
+        # Form values are the peer's words, even signed: escaped like every peer value in a log line.
+        log.info("call=%s voice webhook: To=%s business=%s", logsafe.sid(form.get("CallSid", "?"), "CA"),
+                 logsafe.escape(form.get("To", "?")), business.name)
         return _xml(twiml.connect_stream(self._config.server.public_url, self._urls.after, parameters))
 
     def after(self, request: Request) -> Response:
@@ -169,7 +170,8 @@ class Webhook:
             return checked
         call_sid = dict(checked).get("CallSid", "")
         number = self.outcomes.take(call_sid)
-        log.info("call=%s after the stream: %s", call_sid or "?", f"transfer to {number}" if number else "hang up")
+        log.info("call=%s after the stream: %s", logsafe.sid(call_sid or "?", "CA"),
+                 f"transfer to {number}" if number else "hang up")
         return _xml(twiml.dial(number) if number else twiml.hangup())
 
     def _checked_form(self, url: str, request: Request) -> tuple[tuple[str, str], ...] | Response:

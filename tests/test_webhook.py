@@ -217,3 +217,15 @@ async def test_twilio_posts_to_both_routes_over_a_socket(nursery, hook):
     assert ET.fromstring(voice.content).find("Connect/Stream").get("url") == PUBLIC
     assert ET.fromstring(after.content).find("Dial").text == "+15555550100"
     assert forged.status_code == 403 and wrong_method.status_code == 405
+
+
+def test_form_values_cannot_forge_a_log_line(hook, caplog):
+    """A signed form is still the peer's words: a CallSid or To carrying a newline and a fake line
+    is escaped in agentd's own line, never written raw."""
+    body, pairs = form(CallSid="CA1\nERROR forged line", To="+1\x1b[31m555")
+    with caplog.at_level("INFO", logger="agentd.webhook"):
+        hook.voice(post(signed(VOICE_URL, pairs), body))
+    text = "\n".join(record.getMessage() for record in caplog.records)
+    assert "voice webhook" in text
+    assert "\nERROR forged line" not in text and "\x1b" not in text
+    assert "invalid:" in text
