@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import functools
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 import trio
@@ -350,7 +350,8 @@ class Call:
                              first_clause_min_chars=self._svc.config.llm.first_clause_min_chars,
                              stamp=lambda name: turn.timeline.stamp(name, trio.current_time()),
                              tools=call_tools.tools_for(self.business),
-                             on_calls=functools.partial(self._tool_round, action.reply, turn))
+                             on_calls=functools.partial(self._tool_round, action.reply, turn),
+                             on_usage=functools.partial(_add_usage, turn.facts))
         self._nursery.start_soon(lambda: turn.job.run(think=think))
         if action.draft:
             self._speculation["drafts"] += 1
@@ -542,3 +543,11 @@ def _keypad(business: Business) -> dict[str, fsm.Ending]:
         elif isinstance(action, call_tools.EndCall):
             keypad[digit] = fsm.Ending(fsm.HUNG_UP)
     return keypad
+
+
+def _add_usage(facts: dict, usage: Mapping[str, int]) -> None:
+    """Sum the server's token counts over the turn's requests (tool rounds ask again) into its record."""
+    total = facts.setdefault("llm_usage", {})
+    for name, count in usage.items():
+        if isinstance(count, int):
+            total[name] = total.get(name, 0) + count

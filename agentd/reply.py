@@ -285,13 +285,14 @@ class ReplyJob:
 
 def chat_thinker(chat, messages: Sequence[Mapping[str, str]], *, first_clause_min_chars: int,
                  stamp: Callable[[str], None], tools: Sequence[Mapping] = (), on_calls: ToolRoundHandler | None = None,
-                 max_rounds: int = 3):
+                 max_rounds: int = 3, on_usage: Callable[[Mapping[str, int]], None] | None = None):
     """A ``think`` function: stream the LLM, cut it into speakable pieces, say each.
 
     With ``tools`` offered, the tool calls a request ends with go to ``on_calls``
     (with the text before them and how many sentences the reply has said); it
     returns the messages to ask the model again with, or None when the reply is
-    over. ``max_rounds`` bounds a model that keeps calling tools.
+    over. ``max_rounds`` bounds a model that keeps calling tools. ``on_usage``
+    hears each request's token counts when the server reports them.
     """
 
     async def think(say) -> None:
@@ -312,6 +313,8 @@ def chat_thinker(chat, messages: Sequence[Mapping[str, str]], *, first_clause_mi
                         stamp("ai_first_sentence")
                         said += 1
                         await say(sentence)
+            if on_usage is not None and items.usage is not None:
+                on_usage(items.usage)
             for sentence in splitter.flush():
                 stamp("ai_first_sentence")
                 said += 1

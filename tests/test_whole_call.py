@@ -69,6 +69,9 @@ async def test_a_call_is_greeted_then_each_turn_answered(config, cloud, caller):
                       ["ai_start", "ai_first_token", "tts_start"]):
             assert [stamps[name] for name in order] == sorted(stamps[name] for name in order)
         assert turn["speculation"] in ("hit", "miss", "late", "none")
+        # localcloud reports token usage at the end of each stream, as OpenAI does when asked.
+        usage = turn["llm_usage"]
+        assert usage["prompt_tokens"] > 0 and usage["completion_tokens"] > 0
 
 
 async def test_two_concurrent_calls_are_kept_apart(config, cloud, caller):
