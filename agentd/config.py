@@ -203,7 +203,7 @@ class TurnConfig:
     refractory_ms: int = _opt(1100, _MS)
     breath_min_ms: int = _opt(50, _MS)
     breath_max_ms: int = _opt(120, _MS)
-    hesitation_guard_ms: int = _opt(720, _MS)
+    hesitation_guard_ms: int = _opt(700, _MS)
     barge_in_enabled: bool = True
     barge_in_min_ms: int = _opt(300, _MS)
     barge_in_guard_ms: int = _opt(250, _MS)

@@ -357,7 +357,9 @@ class TurnSettings:
             hangover_s=vad.hangover_ms / 1000, final_timeout_s=stt.final_timeout_ms / 1000,
             fallback_timeout_s=stt.fallback_timeout_ms / 1000, refractory_s=t.refractory_ms / 1000,
             breath_min_s=t.breath_min_ms / 1000, breath_max_s=t.breath_max_ms / 1000,
-            hesitation_guard_s=t.hesitation_guard_ms / 1000,
+            # The caller's resumed speech is known only after the VAD's onset (and its frame):
+            # a pause of hesitation_guard_ms must be over before that news could come too late.
+            hesitation_guard_s=(t.hesitation_guard_ms + vad.speech_start_ms + vad.frame_ms) / 1000,
             barge_in_enabled=t.barge_in_enabled, barge_in_min_s=t.barge_in_min_ms / 1000,
             barge_in_guard_s=t.barge_in_guard_ms / 1000, barge_in_confirm_s=vad.hangover_ms / 1000,
             barge_in_requires_words=t.barge_in_requires_words, greeting_barge_in=t.greeting_barge_in,

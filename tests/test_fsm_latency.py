@@ -356,15 +356,15 @@ def test_a_hit_whose_draft_audio_is_already_ready_plays_it_once_the_hesitation_g
     fsm.handle(SpeechEnded(at=11.5))
     fsm.handle(Final(at=11.6, text=FINAL_WORDS, audio_end_at=11.5))
     # The caller stopped at 11.5: the draft is adopted, but a caller pausing mid-sentence
-    # could still go on until 11.5 + hesitation_guard_s (0.72 shipped), so it plays then.
+    # could still go on until 11.5 + hesitation_guard_s (0.7 shipped, plus the VAD onset: 0.78), so it plays then.
     assert fsm.handle(Tick(at=12.0)) == [
         AdoptDraft(reply=1, text=FINAL_WORDS, speech_start_at=10.5, speech_end_at=11.5)
     ]
     assert fsm.state is T
-    assert fsm.next_deadline() == approx(11.5 + 0.72)
+    assert fsm.next_deadline() == approx(11.5 + 0.78)
     assert at_deadline(fsm) == [BeginPlayback(reply=1)]
     assert fsm.reply == 1
-    assert fsm.breath_s == approx(0.22)
+    assert fsm.breath_s == approx(0.28)
     assert fsm.state is S
     assert fsm.spec_counts == counts(drafts=1, hits=1)
     assert fsm.handle(PlaybackDone(at=14.0, reply=1)) == [ReplyFinished(reply=1)]
@@ -428,7 +428,7 @@ def test_a_draft_made_while_finalizing_can_still_be_adopted():
     assert fsm.handle(Final(at=12.25, text=FINAL_WORDS, audio_end_at=11.5)) == [
         AdoptDraft(reply=1, text=FINAL_WORDS, speech_start_at=10.5, speech_end_at=11.5)
     ]
-    assert fsm.next_deadline() == approx(12.25)
+    assert fsm.next_deadline() == approx(11.5 + 0.78)  # its audio is ready: it plays once the hesitation guard is over
 
 
 def test_the_stability_clock_keeps_running_when_the_caller_resumes_while_finalizing():
@@ -757,7 +757,7 @@ async def test_a_speculative_hit_runs_under_trio_mock_clock(autojump_clock):
         (6.1, "Final", [], L),
         (approx(6.22), "Tick",  # early finalize: strong words, one hangover of silence
          [AdoptDraft(reply=1, text=FINAL_WORDS, speech_start_at=5.0, speech_end_at=6.0)], T),
-        (approx(6.72), "Tick", [BeginPlayback(reply=1)], S),  # audio ready; the hesitation guard has passed
+        (approx(6.78), "Tick", [BeginPlayback(reply=1)], S),  # audio ready; the hesitation guard has passed
         (8.0, "PlaybackDone", [ReplyFinished(reply=1)], R),
         (approx(9.1), "Tick", [], L),
         (10.0, "Hangup", [], E),

@@ -279,11 +279,12 @@ async def test_a_hesitation_after_the_commit_never_plays_half_an_answer(autojump
 
 def test_a_punctuated_question_with_a_pause_after_it_never_plays_before_the_guard():
     """ "What time do you open? ... on Saturday?": complete-looking words, then a 680 ms pause.
-    The turn is answered at once, but its audio waits out hesitation_guard_s (0.72 shipped)
-    after the last voiced frame, so the caller's second half cancels it before anyone hears it."""
+    The turn is answered at once, but its audio waits out the hesitation guard (0.7 s shipped, plus
+    the VAD's onset: 0.78 s) after the last voiced frame, so the caller's second half cancels it
+    before anyone hears it."""
     fsm = answered("What time do you open?")  # punctuated: committed one hangover after 11.5
     assert fsm.handle(ReplyAudioReady(at=11.8, reply=1)) == []  # ready long before the guard
-    assert fsm.next_deadline() == approx(11.5 + 0.72)
+    assert fsm.next_deadline() == approx(11.5 + 0.78)
     fsm.handle(SpeechStarted(at=12.18))  # the caller goes on after 680 ms
     assert fsm.handle(Partial(at=12.3, text="What time do you open? On Saturday", audio_end_at=12.3)) == [
         CancelReply(reply=1, resumes_turn=True)]
