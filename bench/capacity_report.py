@@ -73,14 +73,13 @@ def call_failure(call: dict) -> str | None:
     """Why a softphone call counts as failed, or None."""
     if call.get("error"):
         return call["error"]
-    if call["ended_by"] != "softphone":
-        return "agent hung up"
     if call["violations"]:
         return f"{call['violations']} protocol violations"
     if call["greeting_ms"] is None:
         return "no greeting"
     if len(call["turns"]) != TURNS_PER_CALL or not all(t["answered"] for t in call["turns"]):
-        return "a turn was not answered"
+        # The agent may end the call itself after the caller's goodbye (end_call): only early is a failure.
+        return "agent hung up early" if call["ended_by"] != "softphone" else "a turn was not answered"
     return None
 
 

@@ -5,7 +5,7 @@
 Starts localcloud and `agentd serve` as child processes (as bench.capacity
 does), places N three-turn calls from softphone workers, and sends agentd
 SIGTERM once /metrics says all N are up. It then reports how many calls
-finished every turn and hung up themselves, how the others ended (their call
+finished every turn (whoever hung up), how the others ended (their call
 records' end_reason), the drain's wall time and agentd's exit status, and runs
 `agentd report` (with --plot) on the run's telemetry.
 """
@@ -87,10 +87,11 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             common.stop_child(agentd)
     calls = [c for worker in results for c in worker["calls"]]
-    finished = [c for c in calls if c["ended_by"] == "softphone" and all(t["answered"] for t in c["turns"])]
+    # Finished: every turn answered, whoever hung up (the agent ends the call after the caller's goodbye).
+    finished = [c for c in calls if c["turns"] and all(t["answered"] for t in c["turns"])]
     records = load_records(str(run_dir / "telemetry"), "calls")
     print(f"drain of {args.calls} live calls: SIGTERM -> exit {status} in {drain_s:.1f} s; "
-          f"{len(finished)} of {len(calls)} calls finished every turn and hung up themselves")
+          f"{len(finished)} of {len(calls)} calls finished every turn")
     print("call records by end_reason: " + ", ".join(
         f"{reason} {n}" for reason, n in sorted(collections.Counter(r["end_reason"] for r in records).items())))
     print(f"\nagentd report {run_dir / 'telemetry'} --plot {run_dir / 'report.png'}\n")

@@ -134,8 +134,10 @@ def analyse(variant: Variant, run: VariantRun, costs: list[PhraseCosts], config:
     """Everything printed about one configuration, as plain JSON-ready data."""
     rows, problems = [], Counter()
     for report in run.reports:
-        if report.ended_by != "softphone" or report.violation_count:
-            problems["call ended by agent or protocol violations"] += 1
+        # The agent may end the call after the caller's goodbye (end_call): early is the problem.
+        early = report.ended_by != "softphone" and not all(turn.answered for turn in report.turns)
+        if early or report.violation_count:
+            problems["call ended early by the agent, or protocol violations"] += 1
         for index, turn in enumerate(report.turns):
             rows.append(_turn_row(report, index, turn, run.records, costs[index], config, delays, problems))
     turn_records = [r for r in run.records if r.get("kind") == "turn"]
