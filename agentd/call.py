@@ -95,6 +95,27 @@ class _Turn:
     said_before_tools: int = 0  # pieces of the reply the tool rounds' messages already carry
 
 
+class InboundParser:
+    """Parses one socket's Twilio messages: an event type Twilio added after us is
+    skipped, not fatal, and logged once per socket -- one line per message would let
+    the peer write to the log at its own rate."""
+
+    def __init__(self, max_bytes: int, call_sid: str = "?") -> None:
+        self.call_sid = call_sid  # "?" until start: the peer is not yet known to be Twilio
+        self._max_bytes = max_bytes
+        self._warned = False
+
+    def parse(self, message: str | bytes) -> twilio.InboundEvent | None:
+        """The event, or None for an unknown one. Raises TwilioCodecError (a CallProtocolError)."""
+        try:
+            return twilio.parse_inbound(message, max_bytes=self._max_bytes)
+        except twilio.UnknownEventError as exc:
+            if not self._warned:
+                self._warned = True
+                log.warning("call=%s skipping unknown Twilio event: %s", self.call_sid, exc)
+            return None
+
+
 class Call:
     """One Twilio Media Stream, from ``start`` to hang-up."""
 
@@ -103,7 +124,7 @@ class Call:
         cfg = services.config
         self._ws = ws
         self._svc = services
-        self._max_bytes = cfg.server.max_message_bytes
+        self._inbound = InboundParser(cfg.server.max_message_bytes, start.call_sid)
         self.t0 = trio.current_time() if t0 is None else t0  # when the socket opened
         self.call_sid, self.stream_sid = start.call_sid, start.stream_sid
         self.business = cfg.business(start.parameter("business"))
@@ -131,7 +152,6 @@ class Call:
         self._turns_taken = 0
         self._speculation = {"drafts": 0, "hits": 0, "misses": 0, "late": 0}
         self._rearm = trio.Event()
-        self._warned_unknown = False
         self._nursery: trio.Nursery | None = None
         self._scope = trio.CancelScope()  # the whole call: end_now cancels it
         # Why the call ended, for its record; stays "aborted" on an internal error or a daemon shutdown.
@@ -193,7 +213,7 @@ class Call:
                 return "socket closed"
             # 50 messages a second: the watchdog only needs this stamp, never a scope or a task.
             self._heard_at = at = trio.current_time()
-            event = self._parse(message)
+            event = self._inbound.parse(message)
             if isinstance(event, twilio.Media):
                 self._on_media(event.payload, at)
             elif isinstance(event, twilio.Mark):
@@ -204,16 +224,6 @@ class Call:
                 return "stop"
             elif isinstance(event, (twilio.Start, twilio.Connected)):
                 raise CallProtocolError(f"unexpected {type(event).__name__.lower()} mid-call")
-
-    def _parse(self, message: str | bytes) -> twilio.InboundEvent | None:
-        """One inbound message; an event type Twilio added after us is skipped, not fatal."""
-        try:
-            return twilio.parse_inbound(message, max_bytes=self._max_bytes)
-        except twilio.UnknownEventError as exc:
-            if not self._warned_unknown:
-                self._warned_unknown = True
-                log.warning("call=%s skipping unknown Twilio event: %s", self.call_sid, exc)
-            return None
 
     async def _watch_line(self) -> None:
         """End the call once nothing has come in for server.media_timeout_ms, or at

@@ -38,7 +38,7 @@ import trio_websocket
 from agentd import http1, logs, logsafe, ops, telemetry
 from agentd.audio_cache import AudioCache
 from agentd.adapters.business_tools import BusinessTools
-from agentd.call import Call, Services
+from agentd.call import Call, InboundParser, Services
 from agentd.codecs import twilio
 from agentd.config import Config, config_summary
 from agentd.drain import LiveCalls, run_until_drained
@@ -313,19 +313,13 @@ async def _keep_warming(server: Server, notifier: Notifier) -> None:
 async def wait_start(ws: MediaSocket, *, max_bytes: int) -> twilio.Start:
     """Read until Twilio's ``start`` (after an optional ``connected``); the caller sets the deadline.
 
-    Raises CallProtocolError for anything else first. An event type Twilio added
-    after us is skipped, not fatal, and logged once per socket: before `start`
-    the peer is not yet known to be Twilio, and one line per message would let
-    it write to the log at its own rate.
+    Raises CallProtocolError for anything else first; unknown event types are
+    skipped (see InboundParser).
     """
-    warned = False
+    inbound = InboundParser(max_bytes)
     while True:
-        try:
-            event = twilio.parse_inbound(await ws.get_message(), max_bytes=max_bytes)
-        except twilio.UnknownEventError as exc:
-            if not warned:
-                log.warning("call=? skipping unknown Twilio event before start: %s", exc)
-                warned = True
+        event = inbound.parse(await ws.get_message())
+        if event is None:
             continue
         if isinstance(event, twilio.Start):
             return event
