@@ -225,6 +225,11 @@ class ReplayStream(trio.abc.Stream):
         self.stream = stream
         self._pending = memoryview(raw)
 
+    @property
+    def replayed(self) -> bool:
+        """Whether every byte of ``raw`` has been read: from now on this is ``stream`` itself."""
+        return not self._pending
+
     async def receive_some(self, max_bytes: int | None = None) -> bytes:
         if self._pending:
             size = len(self._pending) if max_bytes is None else max_bytes

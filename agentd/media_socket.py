@@ -5,9 +5,12 @@ the 101 (agentd.wsconn). For the data phase trio-websocket would run a
 reader task per connection that parses frames and hands each message to ``get_message``
 through a memory channel: two task switches and a channel per 20 ms media
 message. At 100 calls that hop was a third of agentd's CPU (bench/RESULTS.md),
-so after the handshake a call reads and writes frames itself: ``MediaSocket``
-drives a ``wsproto`` frame-level connection straight on the TCP stream, in
-the task that calls ``get_message``.
+so after the handshake a call reads and writes frames itself, in the task
+that calls ``get_message``: ``MediaSocket`` reads the TCP socket directly,
+parses the simple frames a media stream is made of with
+agentd.codecs.ws_frames, and from the first frame that is not simple (a
+close, a fragment, anything odd) lets a ``wsproto`` frame-level connection
+parse every byte. Frames it sends are wsproto's.
 
 The handover. Each admitted stream reaches trio-websocket wrapped in a
 ``HandoverStream`` (``handover_stream``, called by agentd.wsconn).
@@ -31,14 +34,18 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import os
 from collections.abc import AsyncIterator
 
 import trio
 import trio_websocket
 from trio_websocket import CloseReason, ConnectionClosed
 from wsproto.connection import Connection, ConnectionState, ConnectionType
-from wsproto.events import BytesMessage, CloseConnection, Message, Ping, TextMessage
+from wsproto.events import BytesMessage, CloseConnection, Message, Ping, Pong, TextMessage
 from wsproto.frame_protocol import CloseReason as CloseCode
+
+from agentd import http1
+from agentd.codecs import ws_frames
 
 _RECEIVE_BYTES = 65536  # one read takes whatever piled up (several messages when the loop was busy)
 _ABNORMAL = CloseCode.ABNORMAL_CLOSURE.value  # 1006: the TCP connection ended without a close frame
@@ -132,8 +139,13 @@ class MediaSocket:
 
     def __init__(self, stream: trio.abc.Stream, *, max_message_size: int, leftover: bytes = b""):
         self._stream = stream
+        self._socket = _tcp_socket(stream)  # read and written directly when there is one (see _read)
         self._max_message_size = max_message_size
-        self._proto = Connection(ConnectionType.SERVER, trailing_data=leftover)
+        self._proto = Connection(ConnectionType.SERVER)
+        # Frames are parsed by ws_frames while they are simple; from the first one that is not,
+        # every byte goes to wsproto for the rest of the connection.
+        self._simple = True
+        self._buffer, self._pos = leftover, 0
         self._parts: list[str | bytes] = []
         self._size = 0
         self._close_reason: CloseReason | None = None
@@ -146,10 +158,15 @@ class MediaSocket:
     async def get_message(self) -> str | bytes:
         """The next whole message; raises ConnectionClosed once the connection is closed."""
         while True:
-            for event in self._proto.events():
-                message = await self._on_event(event)
+            if self._simple:
+                message = await self._next_simple()
                 if message is not None:
                     return message
+            if not self._simple:
+                for event in self._proto.events():
+                    message = await self._on_event(event)
+                    if message is not None:
+                        return message
             if self._close_reason is not None:
                 raise ConnectionClosed(self._close_reason)
             await self._receive()
@@ -163,6 +180,7 @@ class MediaSocket:
 
     async def aclose(self, code: int = 1000, reason: str | None = None) -> None:
         """Send a close frame, wait for the peer's (the caller sets the deadline), close TCP."""
+        self._hand_to_wsproto()  # the close handshake is wsproto's
         try:
             if self._close_reason is None and self._proto.state is ConnectionState.OPEN:
                 self._close_reason = CloseReason(1000, None)
@@ -188,13 +206,90 @@ class MediaSocket:
 
     async def _receive(self) -> None:
         try:
-            data = await self._stream.receive_some(_RECEIVE_BYTES)
+            data = await self._read()
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             data = b""
         if not data:  # the peer vanished without a close frame
             await self.abort()
             raise ConnectionClosed(self._close_reason)
-        self._proto.receive_data(data)
+        if not self._simple:
+            self._proto.receive_data(data)
+        elif self._pos < len(self._buffer):
+            self._buffer, self._pos = self._buffer[self._pos:] + data, 0
+        else:
+            self._buffer, self._pos = data, 0
+
+    async def _next_simple(self) -> str | bytes | None:
+        """The next message of simple frames (pings answered on the way), or None: more bytes are
+        needed, or a frame that is not simple handed everything from it on to wsproto."""
+        while True:
+            try:
+                frame = ws_frames.parse(self._buffer, self._pos, self._max_message_size)
+            except ws_frames.NotSimple:
+                self._hand_to_wsproto()
+                return None
+            if frame is None:
+                return None
+            opcode, payload, self._pos = frame
+            if opcode == ws_frames.PING:
+                await self._send(Pong(payload=payload))
+            elif opcode != ws_frames.PONG:
+                return payload
+
+    def _hand_to_wsproto(self) -> None:
+        """From now on wsproto parses every byte, starting with those not parsed yet."""
+        if self._simple:
+            self._simple = False
+            self._proto.receive_data(self._buffer[self._pos:])
+            self._buffer, self._pos = b"", 0
+
+    async def _read(self) -> bytes:
+        """Whatever the peer sent since the last read (b"" at end of stream).
+
+        On a TCP socket this is one readiness wait and one ``os.read``:
+        Trio's ``SocketStream.receive_some`` first tries a read that fails
+        (the 20 ms message is never there yet) and yields once more after
+        the one that succeeds -- two system calls and two scheduler passes
+        per message, a fifth of a message's cost at 100 calls
+        (bench/RESULTS.md). The wait is a checkpoint, so a flooding peer
+        cannot starve the other calls.
+        """
+        sock = self._socket
+        if sock is None:
+            return await self._stream.receive_some(_RECEIVE_BYTES)
+        while True:
+            await trio.lowlevel.wait_readable(sock)
+            fd = sock.fileno()
+            if fd < 0:  # our own writer closed it while we were being woken
+                raise trio.ClosedResourceError
+            try:
+                return os.read(fd, _RECEIVE_BYTES)
+            except BlockingIOError:
+                continue
+            except OSError as exc:  # reset by the peer
+                raise trio.BrokenResourceError from exc
+
+    async def _write(self, data: bytes) -> None:
+        """Send ``data``: into the socket's buffer at once when it has room, else through Trio.
+
+        Trio's ``send_all`` yields after every successful send; a 20 ms frame
+        always fits the kernel's buffer, so the write is done here and the
+        pacer yields only on its metronome. Cancellation is still honoured.
+        """
+        await trio.lowlevel.checkpoint_if_cancelled()
+        sock = self._socket
+        fd = sock.fileno() if sock is not None else -1
+        if fd >= 0:
+            try:
+                sent = os.write(fd, data)
+            except BlockingIOError:
+                sent = 0
+            except OSError as exc:
+                raise trio.BrokenResourceError from exc
+            if sent == len(data):
+                return
+            data = memoryview(data)[sent:]
+        await self._stream.send_all(data)
 
     async def _on_event(self, event: object) -> str | bytes | None:
         """Carry out one wsproto event; a finished message is returned, everything else is handled here."""
@@ -249,9 +344,16 @@ class MediaSocket:
         except trio.WouldBlock:
             await self._send_lock.acquire()
         try:
-            await self._stream.send_all(data)
+            await self._write(data)
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             await self.abort()
             raise ConnectionClosed(self._close_reason) from None
         finally:
             self._send_lock.release()
+
+
+def _tcp_socket(stream: trio.abc.Stream) -> trio.socket.SocketType | None:
+    """The TCP socket right under ``stream``, if nothing else sits in between."""
+    while isinstance(stream, http1.ReplayStream) and stream.replayed:
+        stream = stream.stream
+    return stream.socket if isinstance(stream, trio.SocketStream) else None

@@ -4,8 +4,9 @@ The server side is built as ``agentd serve`` builds it: trio-websocket's
 server does the handshake on a wrapped stream (``agentd.wsconn``) and the
 handler takes the connection over with ``accepted``. The peer is an ordinary
 trio-websocket client over 127.0.0.1, so every frame crosses a real socket.
-What is specified: messages arrive whole and in order, both ways; a ping is
-answered; either side's close is a proper close handshake with its code and
+What is specified: messages arrive whole and in order, both ways, whether
+their frames are simple (read by agentd.codecs.ws_frames) or not (wsproto's,
+from that frame on); a ping is answered; either side's close is a proper close handshake with its code and
 reason; a message over the size cap closes with 1009; a peer that drops TCP
 ends ``get_message`` with 1006; and once the handler is done, nothing of the
 connection is left running (trio-websocket's parked reader included).
@@ -102,6 +103,42 @@ async def test_a_fragmented_message_is_delivered_joined():
 async def test_a_ping_is_answered_with_a_pong():
     async with served(read_forever) as (port, _), dial(port) as ws:
         await ws.ping(b"are you there")  # returns once the matching pong came back
+
+
+async def test_a_ping_between_messages_is_answered_and_the_messages_go_on():
+    received = []
+
+    async def read_three(socket: MediaSocket) -> None:
+        for _ in range(3):
+            received.append(await socket.get_message())
+
+    async with served(read_three) as (port, outcomes):
+        stream = await trio.open_tcp_stream("127.0.0.1", port)
+        await _handshake(stream)
+        await stream.send_all(_frame(0x1, b"one", fin=True) + _frame(0x9, b"hi", fin=True) + _frame(0x1, b"two", fin=True))
+        assert await stream.receive_some(4096) == b"\x8a\x02hi"  # the pong, unmasked from a server
+        await stream.send_all(_frame(0x2, b"three", fin=True))
+        await wait_for(outcomes)
+        await stream.aclose()
+    assert received == ["one", "two", b"three"]
+
+
+async def test_after_a_fragmented_message_every_later_message_still_arrives():
+    # The fragment hands the connection to wsproto for good; nothing may be lost at the switch.
+    received = []
+
+    async def read_three(socket: MediaSocket) -> None:
+        for _ in range(3):
+            received.append(await socket.get_message())
+
+    async with served(read_three) as (port, outcomes):
+        stream = await trio.open_tcp_stream("127.0.0.1", port)
+        await _handshake(stream)
+        await stream.send_all(_frame(0x1, b"simple", fin=True) + _frame(0x1, b"frag", fin=False)
+                              + _frame(0x0, b"mented", fin=True) + _frame(0x1, b"after", fin=True))
+        await wait_for(outcomes)
+        await stream.aclose()
+    assert received == ["simple", "fragmented", "after"]
 
 
 async def test_the_peers_close_is_echoed_and_ends_get_message_with_its_code_and_reason():
