@@ -138,7 +138,7 @@ class Call:
                                        self._dispatch, is_quiet=lambda: not self.vad.speaking)
         self.tx = TxQueue(ws.send_message, lambda f: twilio.render_media(self.stream_sid, f),
                           metronome=services.metronome, capacity_frames=cfg.audio.tx_queue_frames,
-                          lead_frames=cfg.audio.tx_lead_frames)
+                          lead_frames=cfg.audio.tx_lead_frames, frames_per_message=cfg.audio.tx_frames_per_message)
         self._greeting = telemetry.TurnTimeline()
         self._greeting.stamp("ws_connected", self.t0)
         self._latest = self._greeting  # the newest turn's timeline, for the stats line
@@ -465,7 +465,7 @@ class Call:
         job = turn.job
         job.scope.cancel()
         if interrupted:  # marks are the proof of playback; the clock covers a Twilio that never echoes
-            lead_s = self.tx.lead_frames * FRAME_S + _PLAYOUT_MARGIN_S
+            lead_s = self.tx.ahead_frames * FRAME_S + _PLAYOUT_MARGIN_S
             heard = job.heard_by(trio.current_time(), playout_margin_s=lead_s)
         else:
             heard = job.spoken

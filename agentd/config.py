@@ -177,6 +177,7 @@ class AudioConfig:
 
     tx_queue_frames: int = _opt(120, lo=1)
     tx_lead_frames: int = _opt(5, lo=0)
+    tx_frames_per_message: int = _opt(2, lo=1, hi=10)  # paced audio per media message, in 20 ms frames
     # Marks not echoed this long after their audio should have played are given up on.
     mark_timeout_ms: int = _opt(3000, _TIMEOUT_MS)
 

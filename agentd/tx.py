@@ -3,9 +3,12 @@
 One object per call owns the WebSocket's write side (a single serialized
 writer, as in trio-websocket). Agent audio is queued as 160-byte frames and
 paced out: the first ``lead_frames`` of a burst go at once (Twilio buffers
-them, so network jitter never starves playback), then one frame per 20 ms
-on an absolute schedule, so Twilio's buffer stays ``lead_frames`` ahead and a
-``clear`` discards at most that much.
+them, so network jitter never starves playback), then ``frames_per_message``
+frames per message on an absolute schedule -- a message leaves when its
+first frame is due -- so Twilio's buffer stays ``lead_frames`` to
+``ahead_frames`` ahead and a ``clear`` discards at most that much. Two frames
+per message halve the pacer's wake-ups and sends (each ~25 us at 100 calls)
+and cost no latency: the lead goes at once and a ``clear`` jumps the queue.
 
 Policy (bounded, named, counted):
 - The queue holds ``capacity_frames``; a producer that is ahead (TTS is
@@ -40,12 +43,14 @@ class TxQueue:
     """Paced, bounded outbound audio for one call. Run ``run()`` in the call's nursery."""
 
     def __init__(self, send: Callable[[str], Awaitable[None]], render_media: Callable[[bytes], str],
-                 *, metronome: Metronome, capacity_frames: int = 120, lead_frames: int = 5, max_lag_s: float = 0.5):
+                 *, metronome: Metronome, capacity_frames: int = 120, lead_frames: int = 5, max_lag_s: float = 0.5,
+                 frames_per_message: int = 1):
         self._send = send
         self._metronome = metronome
         self._render_media = render_media
         self.capacity_frames = capacity_frames
         self.lead_frames = lead_frames
+        self.frames_per_message = min(frames_per_message, MAX_BATCH_FRAMES)
         self._max_lag_s = max_lag_s
         self._items: collections.deque[Item] = collections.deque()
         self._frames_queued = 0
@@ -72,6 +77,11 @@ class TxQueue:
     @property
     def queued_frames(self) -> int:
         return self._frames_queued
+
+    @property
+    def ahead_frames(self) -> int:
+        """The most audio, in frames, that has left ahead of its playback time (all of it a `clear` discards)."""
+        return self.lead_frames + self.frames_per_message - 1
 
     async def put_frames(self, frames: Iterable[bytes], *, epoch: int) -> None:
         """Queue frames for playback, waiting for room; frames of an old epoch are discarded."""
@@ -177,7 +187,8 @@ class TxQueue:
         return self._grid_t0 + paced * FRAME_S if paced > 0 else self._burst_t0
 
     def _take_due_frames(self, now: float) -> list[bytes]:
-        """The next frame and the queued frames right behind it that are due by ``now`` too.
+        """The next frame and the queued frames right behind it that are due by ``now`` too, or
+        that make up the message's ``frames_per_message``.
 
         They leave as one media message (Twilio plays a payload of any length
         in order): the lead of a burst, or audio that arrived after its due
@@ -191,7 +202,7 @@ class TxQueue:
             batch.append(self._take_frame())
             self._burst_k += 1
             if (len(batch) >= MAX_BATCH_FRAMES or not self._items or not isinstance(self._items[0], bytes)
-                    or self._due(self._burst_k) > now):
+                    or (self._due(self._burst_k) > now and len(batch) >= self.frames_per_message)):
                 return batch
 
     def _take_frame(self) -> bytes:

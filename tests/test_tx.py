@@ -97,6 +97,25 @@ async def test_a_burst_sends_the_lead_at_once_then_one_frame_per_20_ms(autojump_
 
 
 
+async def test_paced_frames_can_leave_two_per_message_each_pair_when_its_first_frame_is_due(autojump_clock):
+    wire = Wire()
+    with trio.fail_after(GUARD_S):
+        async with trio.open_nursery() as nursery:
+            tx = await started(nursery, wire, lead_frames=3, frames_per_message=2)
+            t0 = trio.current_time()
+            await tx.put_frames(frames(0, 10), epoch=tx.epoch)
+            await trio.sleep(PLENTY_S)
+            nursery.cancel_scope.cancel()
+
+    assert wire.messages_sent == ["f0+f1+f2", "f3+f4", "f5+f6", "f7+f8", "f9"]
+    times_sent = wire.frame_times()
+    # f3 is due 20 ms after the burst began, f5 at 60 ms, ...: one message per 40 ms, never late,
+    # so Twilio holds between lead_frames and ahead_frames of audio.
+    assert [times_sent[f"f{k}"] for k in (0, 3, 5, 7, 9)] == times(t0, 0, 0.02, 0.06, 0.10, 0.14)
+    assert tx.ahead_frames == 4
+    assert tx.lateness_summary()["max"] == 0
+
+
 async def test_frames_due_together_leave_in_one_message_and_a_mark_ends_the_batch(autojump_clock):
     wire = Wire()
     with trio.fail_after(GUARD_S):
