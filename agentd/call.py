@@ -378,6 +378,7 @@ class Call:
     def _take_turn(self, reply: int, action: fsm.StartReply | fsm.AdoptDraft) -> None:
         """Reply ``reply`` answers the caller's turn: telemetry, history, and let it speak."""
         turn = self._turns[reply]
+        turn.timeline.stamp("turn_committed", trio.current_time())
         turn.timeline.stamp("speech_start", action.speech_start_at)
         turn.timeline.stamp("speech_end", action.speech_end_at)
         for name, at in self._results_at:

@@ -31,10 +31,11 @@ __all__ = ["STAGES", "TIMELINE_STAMPS", "JsonlSink", "TurnTimeline", "format_sta
 
 log = logging.getLogger(__name__)
 
-# In pipeline order.  `greeting_started` is stamped when the first greeting frame is sent.
+# In pipeline order.  `greeting_started` is stamped when the first greeting frame is sent;
+# `turn_committed` when agentd takes the caller's turn (a speculative draft's ai_start is earlier).
 TIMELINE_STAMPS = (
     "ws_connected", "greeting_started", "greeting_last_frame_sent", "stt_stream_opened",
-    "speech_start", "speech_end", "first_partial", "final_text", "ai_start", "ai_first_token",
+    "speech_start", "speech_end", "first_partial", "final_text", "turn_committed", "ai_start", "ai_first_token",
     "ai_first_sentence", "tts_start", "tts_first_audio", "first_reply_frame_sent",
 )
 
@@ -43,7 +44,7 @@ STAGES: Mapping[str, tuple[str, str]] = types.MappingProxyType({
     "greeting": ("ws_connected", "greeting_started"),              # per call: until the caller hears us
     "stt_partial": ("speech_start", "first_partial"),
     "stt_final": ("speech_end", "final_text"),
-    "endpointing": ("speech_end", "ai_start"),                     # end of speech -> we commit the turn
+    "endpointing": ("speech_end", "turn_committed"),               # end of speech -> we commit the turn
     "ai_ttft": ("ai_start", "ai_first_token"),
     "ai_sentence": ("ai_start", "ai_first_sentence"),
     "tts_ttfb": ("tts_start", "tts_first_audio"),

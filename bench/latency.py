@@ -178,8 +178,7 @@ def _stage_lists(turn_records: list[dict]) -> dict[str, list[float]]:
     """Stage durations of answered turns, minus two artefacts of the records' stamps.
 
     stt_final is skipped when final_text precedes speech_start (a late final of
-    the turn before, stamped into this one); endpointing is skipped for hits,
-    whose ai_start is when the draft started, not when the turn ended.
+    the turn before, stamped into this one).
     """
     stages: dict[str, list[float]] = {}
     for record in turn_records:
@@ -188,8 +187,6 @@ def _stage_lists(turn_records: list[dict]) -> dict[str, list[float]]:
         stamps = record.get("stamps_ms", {})
         for name, ms in record.get("stages_ms", {}).items():
             if name == "stt_final" and stamps.get("final_text", 0) < stamps.get("speech_start", 0):
-                continue
-            if name == "endpointing" and record.get("speculation") == "hit":
                 continue
             stages.setdefault(name, []).append(ms)
     return stages

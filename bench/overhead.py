@@ -6,11 +6,8 @@ the breath), some are the services (STT, LLM, TTS), and the rest is what the
 agent adds. All times in ms; stamps are agentd's, on its call clock:
 
     eot      = speech_end + required_silence_ms          end of the silence rule
-    F        = final_text, if stamped in this turn (>= speech_start)
-    stt_wait = 0                     if F <= eot                (final already there)
-             = F - eot               if eot < F <= eot + T      (commit on the final)
-             = T                     otherwise                  (commit on the final timeout)
-    commit   = eot + stt_wait                                   T = stt.final_timeout_ms
+    commit   = turn_committed        when agentd took the turn (its own stamp)
+    stt_wait = max(0, commit - eot)  past the silence rule: waiting for the final (or its timeout)
     llm_wait = max(0, ai_first_sentence - commit)               if the turn adopted a draft ("hit")
              = TTFT + k / tokens_per_s                          otherwise (injected)
     tts_wait = TTS TTFB (injected)
@@ -21,9 +18,13 @@ agentd's SentenceSplitter cuts the first speakable piece (tokens = words in
 localcloud's rules engine): TTS cannot start before that piece exists, so that
 streaming time is as much an injected delay as the TTFT.
 
-The final-timeout branch counts the whole wait as STT time: the turn was
-ready and agentd waited for a final the slow service had not delivered.
-Where the commit used the final, this is exactly `max(0, F - eot)`.
+A turn committed on a strong partial (no final wait) has stt_wait 0; one that
+waited for a final, or for stt.final_timeout_ms, counts that wait as STT time.
+Records written before the `turn_committed` stamp existed are estimated from
+`final_text` instead:
+
+    F        = final_text, if stamped in this turn (>= speech_start)
+    stt_wait = 0 if F <= eot;  F - eot if eot < F <= eot + T;  T otherwise   (T = stt.final_timeout_ms)
 
 `overhead` is then split three ways, so it can be acted on:
 
@@ -78,6 +79,8 @@ class RecordError(ValueError):
 
 def stt_wait_ms(stamps: Mapping[str, float], eot: float, final_timeout_ms: float) -> float:
     """How long past the silence rule the turn waited for STT (see the module docstring)."""
+    if "turn_committed" in stamps:
+        return max(0.0, stamps["turn_committed"] - eot)
     final = stamps.get("final_text")
     if final is None or final < stamps["speech_start"]:  # none, or a late final of the turn before
         return final_timeout_ms

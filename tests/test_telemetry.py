@@ -17,7 +17,7 @@ def full_turn() -> TurnTimeline:
     timeline = TurnTimeline()
     for name, at in [("ws_connected", 100.0), ("greeting_started", 100.25), ("speech_start", 108.5),
                      ("first_partial", 108.7), ("speech_end", 110.0), ("final_text", 110.312),
-                     ("ai_start", 110.32), ("ai_first_token", 110.68), ("ai_first_sentence", 110.7),
+                     ("turn_committed", 110.32), ("ai_start", 110.32), ("ai_first_token", 110.68), ("ai_first_sentence", 110.7),
                      ("tts_start", 110.702), ("tts_first_audio", 110.95), ("first_reply_frame_sent", 111.04)]:
         timeline.stamp(name, at)
     return timeline
@@ -50,7 +50,7 @@ def test_stages_are_durations_between_their_stamps_in_ms():
 def test_stages_need_both_endpoints():
     timeline = TurnTimeline()
     timeline.stamp("speech_end", 110.0)
-    timeline.stamp("ai_start", 110.5)
+    timeline.stamp("turn_committed", 110.5)
     assert timeline.stages() == {"endpointing": 500.0}
 
 
@@ -82,7 +82,7 @@ def test_record_extra_may_not_overwrite_its_own_keys():
 def test_record_is_rendered_relative_to_speech_end_in_time_order():
     text = format_timeline(full_turn().to_record("CA1", 1, T0, {}))
     flat = " | ".join(line.strip() for line in text.splitlines())
-    assert "speech_start -1500 | first_partial -1300 | speech_end +0 | final_text +312 | ai_start +320" in flat
+    assert "speech_start -1500 | first_partial -1300 | speech_end +0 | final_text +312 | turn_committed +320 | ai_start +320" in flat
     assert flat.index("ws_connected -10000") < flat.index("greeting_started -9750") < flat.index("speech_start")
     assert "first_reply_frame_sent +1040 | v2v 1040 ms" in flat
     assert "stages ms: greeting 250 | stt_partial 200 | stt_final 312" in flat
