@@ -14,8 +14,9 @@ loopback sockets, at the real cadence:
 Each for two server sides (``--transport``, default both): trio-websocket's own
 connection (its reader task hands each message to ``get_message`` through a
 memory channel), and what ``agentd serve`` uses, trio-websocket's handshake
-handed over to agentd.media_socket's ``MediaSocket`` (wsproto driven in the
-reading task itself).
+handed over to agentd.media_socket's ``MediaSocket`` (the socket read and
+written by the reading task itself, simple frames parsed by
+agentd.codecs.ws_frames, anything else by wsproto).
 
 Reported: the server's CPU microseconds per message (/proc utime+stime over a
 steady window / messages), and what that alone costs at 200 calls
