@@ -68,6 +68,25 @@ async def wait_for(outcomes: list) -> None:
         await trio.sleep(0.01)
 
 
+def reader(count: int, received: list) -> Callable[[MediaSocket], Awaitable[None]]:
+    """A handler that reads ``count`` messages into ``received``, then returns."""
+    async def read(socket: MediaSocket) -> None:
+        for _ in range(count):
+            received.append(await socket.get_message())
+    return read
+
+
+@contextlib.asynccontextmanager
+async def raw_peer(port: int) -> AsyncIterator[trio.SocketStream]:
+    """A client past the handshake that writes frames by hand (closed without a close frame)."""
+    stream = await trio.open_tcp_stream("127.0.0.1", port)
+    try:
+        await _handshake(stream)
+        yield stream
+    finally:
+        await stream.aclose()
+
+
 def dial(port: int):
     return trio_websocket.open_websocket("127.0.0.1", port, "/media", use_ssl=False, disconnect_timeout=2)
 
@@ -84,19 +103,12 @@ async def test_messages_cross_whole_and_in_order_both_ways():
 
 
 async def test_a_fragmented_message_is_delivered_joined():
-    received = []
-
-    async def read_one(socket: MediaSocket) -> None:
-        received.append(await socket.get_message())
-
-    async with served(read_one) as (port, outcomes):
-        stream = await trio.open_tcp_stream("127.0.0.1", port)
-        await _handshake(stream)
+    received: list = []
+    async with served(reader(1, received)) as (port, outcomes), raw_peer(port) as peer:
         # One text message in three frames (FIN clear, clear, set), masked as a client must.
-        await stream.send_all(_frame(0x1, b"con", fin=False) + _frame(0x0, b"nec", fin=False)
-                              + _frame(0x0, b"ted", fin=True))
+        await peer.send_all(_frame(0x1, b"con", fin=False) + _frame(0x0, b"nec", fin=False)
+                            + _frame(0x0, b"ted", fin=True))
         await wait_for(outcomes)
-        await stream.aclose()
     assert received == ["connected"]
 
 
@@ -106,38 +118,22 @@ async def test_a_ping_is_answered_with_a_pong():
 
 
 async def test_a_ping_between_messages_is_answered_and_the_messages_go_on():
-    received = []
-
-    async def read_three(socket: MediaSocket) -> None:
-        for _ in range(3):
-            received.append(await socket.get_message())
-
-    async with served(read_three) as (port, outcomes):
-        stream = await trio.open_tcp_stream("127.0.0.1", port)
-        await _handshake(stream)
-        await stream.send_all(_frame(0x1, b"one", fin=True) + _frame(0x9, b"hi", fin=True) + _frame(0x1, b"two", fin=True))
-        assert await stream.receive_some(4096) == b"\x8a\x02hi"  # the pong, unmasked from a server
-        await stream.send_all(_frame(0x2, b"three", fin=True))
+    received: list = []
+    async with served(reader(3, received)) as (port, outcomes), raw_peer(port) as peer:
+        await peer.send_all(_frame(0x1, b"one", fin=True) + _frame(0x9, b"hi", fin=True) + _frame(0x1, b"two", fin=True))
+        assert await peer.receive_some(4096) == b"\x8a\x02hi"  # the pong, unmasked from a server
+        await peer.send_all(_frame(0x2, b"three", fin=True))
         await wait_for(outcomes)
-        await stream.aclose()
     assert received == ["one", "two", b"three"]
 
 
 async def test_after_a_fragmented_message_every_later_message_still_arrives():
     # The fragment hands the connection to wsproto for good; nothing may be lost at the switch.
-    received = []
-
-    async def read_three(socket: MediaSocket) -> None:
-        for _ in range(3):
-            received.append(await socket.get_message())
-
-    async with served(read_three) as (port, outcomes):
-        stream = await trio.open_tcp_stream("127.0.0.1", port)
-        await _handshake(stream)
-        await stream.send_all(_frame(0x1, b"simple", fin=True) + _frame(0x1, b"frag", fin=False)
-                              + _frame(0x0, b"mented", fin=True) + _frame(0x1, b"after", fin=True))
+    received: list = []
+    async with served(reader(3, received)) as (port, outcomes), raw_peer(port) as peer:
+        await peer.send_all(_frame(0x1, b"simple", fin=True) + _frame(0x1, b"frag", fin=False)
+                            + _frame(0x0, b"mented", fin=True) + _frame(0x1, b"after", fin=True))
         await wait_for(outcomes)
-        await stream.aclose()
     assert received == ["simple", "fragmented", "after"]
 
 
