@@ -145,7 +145,8 @@ class MediaSocket:
         # Frames are parsed by ws_frames while they are simple; from the first one that is not,
         # every byte goes to wsproto for the rest of the connection.
         self._simple = True
-        self._buffer, self._pos = leftover, 0
+        self._buffer: bytes | bytearray = leftover
+        self._pos = 0
         self._parts: list[str | bytes] = []
         self._size = 0
         self._close_reason: CloseReason | None = None
@@ -214,10 +215,15 @@ class MediaSocket:
             raise ConnectionClosed(self._close_reason)
         if not self._simple:
             self._proto.receive_data(data)
-        elif self._pos < len(self._buffer):
-            self._buffer, self._pos = self._buffer[self._pos:] + data, 0
+        elif self._pos >= len(self._buffer):
+            self._buffer, self._pos = data, 0  # the usual case: every byte before was parsed
         else:
-            self._buffer, self._pos = data, 0
+            # The rest of a frame: append to a bytearray (amortized constant time), so a peer that
+            # sends a big frame a byte at a time costs linear, not quadratic, copying.
+            rest = self._buffer[self._pos:]
+            self._buffer = rest if isinstance(rest, bytearray) else bytearray(rest)
+            self._buffer += data
+            self._pos = 0
 
     async def _next_simple(self) -> str | bytes | None:
         """The next message of simple frames (pings answered on the way), or None: more bytes are

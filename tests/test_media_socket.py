@@ -20,6 +20,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 
 import pytest
 import trio
+import trio.testing
 import trio_websocket
 from test_leaks import count_tasks
 
@@ -125,6 +126,17 @@ async def test_a_ping_between_messages_is_answered_and_the_messages_go_on():
         await peer.send_all(_frame(0x2, b"three", fin=True))
         await wait_for(outcomes)
     assert received == ["one", "two", b"three"]
+
+
+async def test_a_frame_that_arrives_a_few_bytes_at_a_time_is_delivered_whole():
+    received: list = []
+    frames = _frame(0x1, b"x" * 100, fin=True) + _frame(0x1, b"y" * 100, fin=True)
+    async with served(reader(2, received)) as (port, outcomes), raw_peer(port) as peer:
+        for i in range(0, len(frames), 7):
+            await peer.send_all(frames[i:i + 7])
+            await trio.testing.wait_all_tasks_blocked()  # the server has read what came so far
+        await wait_for(outcomes)
+    assert received == ["x" * 100, "y" * 100]
 
 
 async def test_after_a_fragmented_message_every_later_message_still_arrives():

@@ -24,7 +24,7 @@ class NotSimple(Exception):
     """The frame at this position is not one ``parse`` reads: hand the bytes from here to wsproto."""
 
 
-def parse(buf: bytes, pos: int, max_payload: int) -> tuple[int, str | bytes, int] | None:
+def parse(buf: bytes | bytearray, pos: int, max_payload: int) -> tuple[int, str | bytes, int] | None:
     """The simple client frame at ``buf[pos:]`` as (opcode, payload, end), or None if it is incomplete.
 
     A text payload is returned decoded. Raises ``NotSimple`` for any frame
