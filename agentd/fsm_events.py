@@ -1,7 +1,9 @@
 """The call FSM's vocabulary: states, timers, events in, actions out, and its numbers.
 
 Everything here is a frozen value with no behaviour; the rules that connect
-them live in ``agentd.fsm``. Events carry ``at``, seconds on the call's clock.
+them live in ``agentd.fsm`` (its table) and the handler modules it inherits
+(``agentd.fsm_turn``, ``fsm_playback``, ``fsm_drafts``, ``fsm_phone``). Events
+carry ``at``, seconds on the call's clock.
 Actions carry the facts the driver records (``compare=False`` fields: the
 breath taken, the silence the end-of-turn rule demanded, how speculation
 went), so the driver never has to ask the FSM what happened.
