@@ -152,10 +152,10 @@ class TwilioSide:
     Times are slot numbers (20 ms each) since `start`.
     """
 
-    def __init__(self, *, echo_marks: bool = True) -> None:
+    def __init__(self, *, echo_marks: bool = True, call_sid: str | None = None) -> None:
         self.echo_marks = echo_marks
         self.stream_sid = "MZ" + format(id(self), "032x")  # Twilio's format: MZ/CA + 32 hex
-        self.call_sid = "CA" + format(id(self), "032x")
+        self.call_sid = call_sid or "CA" + format(id(self), "032x")
         self.slot = 0
         self.played_slots: list[int] = []  # slots in which agent audio played
         self.marks_sent: list[str] = []  # marks the agent sent, in order
@@ -247,15 +247,18 @@ class TwilioSide:
 
     # -- the line ------------------------------------------------------------------
 
-    async def connect(self, nursery: trio.Nursery, url: str, *, business: str) -> None:
-        """Open the socket as Twilio does (`connected`, `start`); run the line in `nursery`."""
+    async def connect(self, nursery: trio.Nursery, url: str, *, parameters: dict[str, str],
+                      headers: dict[str, str]) -> None:
+        """Open the socket as Twilio does (upgrade with `headers`, then `connected`, `start` with
+        `parameters` as its customParameters); run the line in `nursery`."""
         host, port, resource = _split_ws_url(url)
         self._tcp = await trio.open_tcp_stream(host, port)
-        self._ws = await trio_websocket.wrap_client_stream(nursery, self._tcp, host, resource)
+        self._ws = await trio_websocket.wrap_client_stream(
+            nursery, self._tcp, host, resource, extra_headers=[(k.encode(), v.encode()) for k, v in headers.items()])
         await self._ws.send_message(twilio.render_connected())
         await self._send(lambda seq: twilio.render_start(
             stream_sid=self.stream_sid, call_sid=self.call_sid, account_sid="ACfault",
-            custom_parameters={"business": business}, sequence=seq))
+            custom_parameters=parameters, sequence=seq))
         nursery.start_soon(self._read)
         nursery.start_soon(self._run_slots)
 
@@ -329,15 +332,21 @@ class TwilioSide:
 
 
 @asynccontextmanager
-async def open_twilio_side(url: str, *, business: str = "acme", echo_marks: bool = True) -> AsyncIterator[TwilioSide]:
+async def open_twilio_side(url: str, *, business: str = "acme", echo_marks: bool = True, call_sid: str | None = None,
+                           parameters: dict[str, str] | None = None,
+                           headers: dict[str, str] | None = None) -> AsyncIterator[TwilioSide]:
     """A `TwilioSide` connected to the agent at `url` for the duration of the block.
+
+    `start` carries `parameters` (what the TwiML's `<Parameter>`s said) or else just the
+    business; `headers` go on the upgrade (e.g. x-twilio-signature).
 
     Leaving the block hangs up (`stop`) unless the test already hung up or
     dropped the line, and returns once the agent's side is closed too.
     """
-    side = TwilioSide(echo_marks=echo_marks)
+    side = TwilioSide(echo_marks=echo_marks, call_sid=call_sid)
     async with trio.open_nursery() as nursery:
-        await side.connect(nursery, url, business=business)
+        await side.connect(nursery, url, parameters={"business": business} if parameters is None else parameters,
+                           headers=headers or {})
         yield side
         await side.close()
         nursery.cancel_scope.cancel()

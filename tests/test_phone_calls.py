@@ -4,7 +4,9 @@ silent caller, and business tools, through `agentd serve` and localcloud.
 Twilio's side is the rig's `TwilioSide` (it speaks, presses keys and stays silent when told);
 localcloud's script engine decides what the caller said and its rules engine answers, with
 the tool calls its rules name. The after-stream TwiML is asked of the daemon's own webhook
-routes, over a socket, as Twilio asks it once the stream has ended.
+routes, over a socket, as Twilio asks it once the stream has ended. One call runs the whole
+sequence with every check on: signed voice webhook, signed upgrade carrying the per-call token,
+signed after-stream request.
 """
 
 from __future__ import annotations
@@ -20,7 +22,9 @@ from test_faults_rig import GUARD_S, caller_voices, fault_config, open_rig, open
 from test_webhook import serve_routes
 
 from agentd.dtmf import digits_message
+from agentd.security import twilio_signature
 from agentd.server import webhook_routes
+from agentd.webhook import post_signature, webhook_urls
 
 PERSON_LINE = "can i talk to a person"
 BYE_LINE = "thanks goodbye"
@@ -217,3 +221,43 @@ async def test_the_daemons_own_listener_serves_the_voice_and_after_routes(phone_
     # Without server.public_url there is no stream URL to answer with: routed, and refused as such.
     assert voice.status_code == after.status_code == 503
     assert voice.text == "server.public_url is not set\n"
+
+
+async def test_a_call_placed_as_twilio_places_it_passes_every_check_and_is_transferred(
+        phone_config, voices, monkeypatch):
+    """Every check on, the whole sequence Twilio runs: the signed voice webhook answers TwiML
+    with the stream URL and a per-call token; the upgrade to that URL is signed and `start`
+    carries the TwiML's parameters; the caller asks for a person; once the agent ends the
+    stream, the signed after-stream request is answered with the transfer."""
+    auth_token, secret, call_sid, number = "whole-call-auth-token", "whole-call-secret", "CA" + "5" * 32, "+15551230000"
+    monkeypatch.setenv("AGENTD_TEST_AUTH_TOKEN", auth_token)
+    monkeypatch.setenv("AGENTD_TEST_CALL_SECRET", secret)
+    checks = {"server.public_url": "wss://agent.example.com/media", "server.auth_token_env": "AGENTD_TEST_AUTH_TOKEN",
+              "server.call_token_secret_env": "AGENTD_TEST_CALL_SECRET", "server.call_token_param": "token",
+              "businesses.acme.numbers": [number]}
+    form = [("AccountSid", "AC1"), ("CallSid", call_sid), ("From", "+15559870000"), ("To", number)]
+
+    async with open_rig(phone_config, (PERSON_LINE,), agent_overrides=checks) as rig:
+        urls, server = webhook_urls(rig.config), rig.config.server
+
+        async def twilio_asks(path: str, signed_url: str) -> httpx.Response:
+            async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{rig.server.port}") as client:
+                return await client.post(path, data=dict(form), headers={
+                    "x-twilio-signature": post_signature(auth_token, signed_url, form)})
+
+        with trio.fail_after(GUARD_S):
+            voice = await twilio_asks(server.voice_path, urls.voice)
+            stream = ET.fromstring(voice.content).find("Connect/Stream")
+            parameters = {p.get("name"): p.get("value") for p in stream.findall("Parameter")}
+            async with open_twilio_side(rig.url, call_sid=call_sid, parameters=parameters, headers={
+                    "x-twilio-signature": twilio_signature(auth_token, stream.get("url"))}) as side:
+                await side.wait_for_reply(since=0)
+                await side.speak(voices["open"].audio)
+                await side.wait_until(lambda: side.close_code is not None)
+            after = await twilio_asks(server.after_path, urls.after)
+            call = await rig.call_record(call_sid)
+
+    assert voice.status_code == 200 and "token" in parameters and parameters["business"] == "acme"
+    assert call["end_reason"] == "agent transferred" and side.close_reason == "agent transferred"
+    assert after.status_code == 200 and ET.fromstring(after.content).find("Dial").text == FRONT_DESK
+
