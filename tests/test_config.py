@@ -1,10 +1,13 @@
-"""agentd.config: defaults, validation, environment overrides, secrets, with_overrides."""
+"""agentd.config and agentd.config_schema: defaults, validation, environment overrides, secrets, with_overrides."""
 
+import ast
 import dataclasses
 import re
+from pathlib import Path
 
 import pytest
 
+from agentd import config_schema
 from agentd.config import (
     DEFAULT_CONFIG_PATH, ENV_ALIASES, AudioConfig, Config, LlmConfig, ServerConfig, SttConfig, TtsConfig,
     TurnConfig, VadConfig, config_summary, load_config,
@@ -115,6 +118,22 @@ def test_config_is_immutable(config):
         config.stt.batch_ms = 1  # type: ignore[misc]
     with pytest.raises(TypeError):
         config.businesses["x"] = config.business(None)  # type: ignore[index]
+
+
+def test_every_key_and_default_is_declared_in_the_schema(config):
+    """The loader's Config adds behaviour (with_overrides), never a key, and stays frozen."""
+    assert [f.name for f in dataclasses.fields(Config)] == [f.name for f in dataclasses.fields(config_schema.ConfigValues)]
+    assert isinstance(config, config_schema.ConfigValues) and not hasattr(config, "__dict__")
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        config.default_business = "acme"  # type: ignore[misc]
+
+
+def test_the_schema_imports_nothing_of_agentd():
+    """agentd.config imports the schema; an import back would be a cycle."""
+    tree = ast.parse(Path(config_schema.__file__).read_text(encoding="utf-8"))
+    modules = [node.module or "" for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)]
+    modules += [alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names]
+    assert [m for m in modules if m.split(".")[0] == "agentd"] == []
 
 
 # --- validation: each error names its key ------------------------------------------------------
