@@ -8,7 +8,9 @@ Three kinds of process, pinned with ``taskset`` on a 2-core machine:
 * core 1: ``agentd localcloud`` (script STT, espeak-ng TTS, rules LLM, with the
   Google-like injected delays of bench.latency) and the softphones
   (``python -m bench.softphones``; above --calls-per-softphone calls they are
-  split over several processes, all on core 1).
+  split over several processes, all on core 1). With --tts-cache localcloud
+  synthesizes each sentence once: above ~150 calls its espeak-ng processes,
+  not agentd, are what saturates.
 
 First a few single calls, one after another, give the single-call V2V; then,
 for each load N (default 50, 100, 200), N calls start at --rate calls/s (so
@@ -253,6 +255,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--gc-freeze", action="store_true",
                         help="experiment: as --gc-log, and gc.freeze() after agentd's imports")
     parser.add_argument("--stt-final-ms", type=int, default=880, help="localcloud's final delay (default 880)")
+    parser.add_argument("--tts-cache", action="store_true",
+                        help="localcloud synthesizes each reply sentence once (its espeak-ng processes on core 1 "
+                             "saturate first above ~150 calls; the injected TTS delay still applies)")
     common.add_quiet_options(parser, each="load", retries=2, busy="used core 0")
     parser.add_argument("--config", help="agentd.toml (default etc/agentd.toml)")
     parser.add_argument("--out", type=Path, help="run directory (default var/bench/capacity-<time>/)")
@@ -278,7 +283,7 @@ def main(argv: list[str] | None = None) -> int:
     wavs = common.caller_wavs(PHRASES, run_dir / "wavs")
     delays = common.Delays(stt_final_ms=args.stt_final_ms)
     with common.LocalCloudProcess([p.script for p in PHRASES], delays, log_path=run_dir / "localcloud.log",
-                                  cpu=CLOUD_CPU) as lc:
+                                  cpu=CLOUD_CPU, tts_cache=args.tts_cache) as lc:
         agentd = start_agentd(lc, run_dir, max_calls=max(args.load_list) + 50, config_path=args.config,
                               gc_log=run_dir / "gc.log" if args.gc_log or args.gc_freeze else None,
                               gc_freeze=args.gc_freeze)

@@ -110,9 +110,11 @@ class LocalCloudProcess:
     (SIGTERM to that child only). Raises RuntimeError if it does not come up.
     """
 
-    def __init__(self, script_lines: Sequence[str], delays: Delays, *, log_path: Path, cpu: int | None = None):
+    def __init__(self, script_lines: Sequence[str], delays: Delays, *, log_path: Path, cpu: int | None = None,
+                 tts_cache: bool = False):
         self._lines = list(script_lines)
         self._delays = delays
+        self._tts_cache = tts_cache
         self._log_path = log_path
         self._cpu = cpu
         self._scratch = tempfile.TemporaryDirectory(prefix="bench-localcloud-")
@@ -136,7 +138,8 @@ class LocalCloudProcess:
                    "--grpc-port", str(self.grpc_port), "--http-port", str(self.http_port),
                    "--stt-engine", "script", "--script", str(script),
                    "--stt-final-delay-ms", str(d.stt_final_ms), "--llm-ttft-ms", str(d.llm_ttft_ms),
-                   "--llm-tokens-per-s", str(d.llm_tokens_per_s), "--tts-ttfb-ms", str(d.tts_ttfb_ms)]
+                   "--llm-tokens-per-s", str(d.llm_tokens_per_s), "--tts-ttfb-ms", str(d.tts_ttfb_ms),
+                   *(["--tts-cache"] if self._tts_cache else [])]
         self._log = open(self._log_path, "ab")
         self.process = subprocess.Popen(pinned(command, self._cpu), cwd=REPO, stdout=subprocess.PIPE,
                                         stderr=self._log)

@@ -175,6 +175,16 @@ def test_faults_can_be_cleared_at_runtime(cloud):
     assert riff.parse_wav(synthesize(cloud, text=HEBREW)).duration_s > 1.0
 
 
+def test_with_tts_cache_a_text_is_synthesized_once_and_the_same_audio_served_again(cloud):
+    first = synthesize(cloud, text=HEBREW)
+    assert cloud.stats()["tts_cache_hits"] == 0, "off by default: every request runs espeak-ng"
+    cloud.configure(tts_cache=True)
+    assert synthesize(cloud, text=HEBREW) == first  # espeak-ng is deterministic: cached or not, same audio
+    assert synthesize(cloud, text=HEBREW) == first
+    assert synthesize(cloud, text=ENGLISH, language="en-US") != first
+    assert cloud.stats()["tts_cache_hits"] == 1
+
+
 def test_synthesis_calls_are_counted(cloud):
     synthesize(cloud, text=HEBREW)
     stream_synthesize(cloud, [streaming_config(), text_input(HEBREW)])

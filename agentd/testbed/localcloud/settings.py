@@ -83,6 +83,9 @@ class LocalCloudSettings:
     llm_ttft_ms: int = 0
     llm_tokens_per_s: float = 0.0  # 0 = all tokens at once
     tts_ttfb_ms: int = 0
+    # Synthesize each (text, language, rate) once and keep the audio: for load generators, where
+    # espeak-ng (a process per request) would otherwise be the bottleneck measured, not agentd.
+    tts_cache: bool = False
     businesses: Mapping[str, BusinessLike] = field(default_factory=lambda: MappingProxyType({}))
     faults: Faults = field(default_factory=Faults)
 
@@ -115,6 +118,7 @@ _COUNTERS = (
     "active_streams",
     "recognize_calls",
     "synth_calls",
+    "tts_cache_hits",  # requests answered from tts_cache without running espeak-ng
     "streaming_synth_calls",
     "list_voices_calls",
     "chat_calls",

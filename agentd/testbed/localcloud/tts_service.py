@@ -41,6 +41,7 @@ INTERNAL = "Internal error encountered."
 STREAMING_ORDER = "The first request must carry only streaming_config; later requests only input."
 CHIRP_ONLY = "StreamingSynthesize supports only Chirp 3: HD voices, got voice name '{name}'."
 _Encoding = tts.AudioEncoding
+_CACHE_ENTRIES = 1024
 _VOICE_CATALOGUE = (
     *(("he-IL", f"he-IL-Standard-{x}", g) for x, g in zip("ABCD", "FMFM")),
     *(("he-IL", f"he-IL-Wavenet-{x}", g) for x, g in zip("ABCD", "FMFM")),
@@ -55,6 +56,7 @@ class TextToSpeechService:
 
     def __init__(self, state: CloudState) -> None:
         self._state = state
+        self._synthesized: dict[tuple[str, str, float], bytes] = {}  # settings.tts_cache: PCM by request
 
     def generic_handler(self) -> grpc.GenericRpcHandler:
         handlers = {
@@ -145,10 +147,19 @@ class TextToSpeechService:
         if settings.faults.tts_error or (fail_text and fail_text in text):
             await context.abort(grpc.StatusCode.INTERNAL, INTERNAL)
         language = voice.language_code or _language_of(voice.name)
-        try:
-            pcm = await synthesize(text, language_code=language, speaking_rate=speaking_rate)
-        except SynthesisError as exc:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"Voice for language_code '{language}': {exc}")
+        key = (text, language, speaking_rate)
+        pcm = self._synthesized.get(key) if settings.tts_cache else None
+        if pcm is not None:
+            self._state.count("tts_cache_hits")
+        else:
+            try:
+                pcm = await synthesize(text, language_code=language, speaking_rate=speaking_rate)
+            except SynthesisError as exc:
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"Voice for language_code '{language}': {exc}")
+            if settings.tts_cache:
+                if len(self._synthesized) >= _CACHE_ENTRIES:
+                    self._synthesized.clear()  # a load generator repeats a few sentences; this never fills
+                self._synthesized[key] = pcm
         delay_ms = settings.tts_ttfb_ms + settings.faults.tts_delay_ms
         if delay_ms > 0:
             await asyncio.sleep(delay_ms / 1000)
