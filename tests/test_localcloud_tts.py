@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import concurrent.futures
 import grpc
 import numpy as np
 import pytest
@@ -183,6 +184,14 @@ def test_with_tts_cache_a_text_is_synthesized_once_and_the_same_audio_served_aga
     assert synthesize(cloud, text=HEBREW) == first
     assert synthesize(cloud, text=ENGLISH, language="en-US") != first
     assert cloud.stats()["tts_cache_hits"] == 1
+
+
+def test_with_tts_cache_requests_that_arrive_together_share_one_synthesis(cloud):
+    cloud.configure(tts_cache=True)
+    with concurrent.futures.ThreadPoolExecutor(max_workers=5) as pool:
+        audio = list(pool.map(lambda _: synthesize(cloud, text=ENGLISH, language="en-US"), range(5)))
+    assert len(set(audio)) == 1
+    assert cloud.stats()["tts_cache_hits"] == 4, "one espeak-ng run; the other four waited for it"
 
 
 def test_synthesis_calls_are_counted(cloud):

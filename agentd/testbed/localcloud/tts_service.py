@@ -56,7 +56,7 @@ class TextToSpeechService:
 
     def __init__(self, state: CloudState) -> None:
         self._state = state
-        self._synthesized: dict[tuple[str, str, float], bytes] = {}  # settings.tts_cache: PCM by request
+        self._synthesized: dict[tuple[str, str, float], asyncio.Future[bytes]] = {}  # settings.tts_cache
 
     def generic_handler(self) -> grpc.GenericRpcHandler:
         handlers = {
@@ -147,24 +147,36 @@ class TextToSpeechService:
         if settings.faults.tts_error or (fail_text and fail_text in text):
             await context.abort(grpc.StatusCode.INTERNAL, INTERNAL)
         language = voice.language_code or _language_of(voice.name)
-        key = (text, language, speaking_rate)
-        pcm = self._synthesized.get(key) if settings.tts_cache else None
-        if pcm is not None:
-            self._state.count("tts_cache_hits")
-        else:
-            try:
-                pcm = await synthesize(text, language_code=language, speaking_rate=speaking_rate)
-            except SynthesisError as exc:
-                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"Voice for language_code '{language}': {exc}")
-            if settings.tts_cache:
-                if len(self._synthesized) >= _CACHE_ENTRIES:
-                    self._synthesized.clear()  # a load generator repeats a few sentences; this never fills
-                self._synthesized[key] = pcm
+        try:
+            pcm = await self._pcm(text, language, speaking_rate)
+        except SynthesisError as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"Voice for language_code '{language}': {exc}")
         delay_ms = settings.tts_ttfb_ms + settings.faults.tts_delay_ms
         if delay_ms > 0:
             await asyncio.sleep(delay_ms / 1000)
         rate = config.sample_rate_hertz or DEFAULT_RATE_HZ
         return encode_audio(pcm, sample_rate_hz=rate, mulaw=config.audio_encoding == _Encoding.MULAW)
+
+    async def _pcm(self, text: str, language: str, speaking_rate: float) -> bytes:
+        """espeak-ng's PCM for the request; with settings.tts_cache each text is synthesized once,
+        and requests that arrive while it runs wait for that one synthesis (200 calls greeting at
+        once must not start 200 espeak-ng processes for the same sentence)."""
+        if not self._state.settings.tts_cache:
+            return await synthesize(text, language_code=language, speaking_rate=speaking_rate)
+        key = (text, language, speaking_rate)
+        pending = self._synthesized.get(key)
+        if pending is None:
+            if len(self._synthesized) >= _CACHE_ENTRIES:
+                self._synthesized.clear()  # a load generator repeats a few sentences; this never fills
+            pending = self._synthesized[key] = asyncio.ensure_future(
+                synthesize(text, language_code=language, speaking_rate=speaking_rate))
+        else:
+            self._state.count("tts_cache_hits")
+        try:
+            return await asyncio.shield(pending)  # one caller giving up must not cancel the others' audio
+        except SynthesisError:
+            self._synthesized.pop(key, None)
+            raise
 
     @staticmethod
     async def _check_encoding(encoding: Any, context: Any, *, allowed: tuple[Any, ...]) -> None:
