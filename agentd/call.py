@@ -343,15 +343,15 @@ class Call:
 
     def _play_goodbye(self, action: fsm.PlayGoodbye) -> None:
         """The closing line (``goodbye`` or ``handoff``), recorded as a turn the agent took on its own."""
-        turn = self._play_canned(fsm.GOODBYE, getattr(self.business, action.line),
-                                 first="first_reply_frame_sent", last=None)
-        turn.facts.update(turn=self._turns_taken, canned=action.line)
+        self._say_own_line(fsm.GOODBYE, action.line)
 
     def _play_line(self, action: fsm.PlayLine) -> None:
         """A line the agent says on its own (``reprompt``), from the cache, as a turn of its own."""
-        turn = self._play_canned(action.reply, getattr(self.business, action.line),
-                                 first="first_reply_frame_sent", last=None)
-        turn.facts.update(turn=self._turns_taken, reply=action.reply, canned=action.line)
+        self._say_own_line(action.reply, action.line, reply=action.reply)
+
+    def _say_own_line(self, number: int, line: str, **facts: int) -> None:
+        turn = self._play_canned(number, getattr(self.business, line), first="first_reply_frame_sent", last=None)
+        turn.facts.update(turn=self._turns_taken, canned=line, **facts)
 
     def _start_reply(self, action: fsm.StartReply) -> None:
         turn = self._new_turn(action.reply)
