@@ -23,8 +23,8 @@ trio-websocket's own bookkeeping ends as for a dropped peer.
 
 The surface is the slice of ``trio_websocket.WebSocketConnection`` a call
 uses (``get_message``, ``send_message``, ``aclose``), with its exceptions
-(``ConnectionClosed`` carrying a ``CloseReason``) and agentd.wsconn's
-transport rules: a message over ``max_message_size`` UTF-8 bytes closes with
+(``ConnectionClosed`` carrying a ``CloseReason``), and Twilio's transport
+rules, which are kept here and nowhere else: a message over ``max_message_size`` UTF-8 bytes closes with
 1009, a text frame that is not UTF-8 with 1007 (the code is sent, not just
 the TCP connection closed), a peer's ping is answered, a peer's close is
 echoed.
