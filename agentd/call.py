@@ -129,6 +129,7 @@ class Call:
         self.call_sid, self.stream_sid = start.call_sid, start.stream_sid
         self.business = cfg.business(start.parameter("business"))
         self.voice = services.voice(self.business)
+        self._tools = call_tools.tools_for(self.business)  # offered to the model with every reply
         self.states: list[str] = []
         self.history = History()
         self.fsm = fsm.CallFSM(fsm.TurnSettings.from_config(cfg), keypad=_keypad(self.business),
@@ -359,7 +360,7 @@ class Call:
         think = chat_thinker(self._svc.chat, messages,
                              first_clause_min_chars=self._svc.config.llm.first_clause_min_chars,
                              stamp=lambda name: turn.timeline.stamp(name, trio.current_time()),
-                             tools=call_tools.tools_for(self.business),
+                             tools=self._tools,
                              on_calls=functools.partial(self._tool_round, action.reply, turn),
                              on_usage=functools.partial(_add_usage, turn.facts))
         self._nursery.start_soon(lambda: turn.job.run(think=think))
