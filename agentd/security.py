@@ -74,6 +74,13 @@ def _signature(key: bytes, url: str) -> bytes:
     return base64.b64encode(hmac.new(key, url.encode(), hashlib.sha1).digest())
 
 
+def same_secret(given: str, expected: str | bytes) -> bool:
+    """Does a peer's signature or token equal ours? Constant-time; a non-ASCII value (which
+    compare_digest refuses) is simply wrong."""
+    expected = expected if isinstance(expected, bytes) else expected.encode("ascii")
+    return given.isascii() and hmac.compare_digest(given.encode("ascii"), expected)
+
+
 def make_call_token(secret: str, call_sid: str) -> str:
     """The per-call token for `call_sid`: lowercase hex HMAC-SHA256(secret, call_sid).
 
@@ -114,9 +121,7 @@ class SignatureCheck:
         if len(values) > 1:
             raise UpgradeRefused(f"{SIGNATURE_HEADER} sent {len(values)} times")
         expected = self.expected if not query else _signature(self.key, f"{self.public_url}?{query}")
-        given = values[0].strip()
-        # ASCII-only before compare_digest (a non-ASCII header is simply wrong).
-        if not (given.isascii() and hmac.compare_digest(given.encode("ascii"), expected)):
+        if not same_secret(values[0].strip(), expected):
             url = self.public_url + ("?<query>" if query else "")
             raise UpgradeRefused(f"{SIGNATURE_HEADER} does not match {url} (wrong auth token "
                                  "or server.public_url not exactly as in the TwiML?)")
@@ -149,8 +154,7 @@ class CallTokenCheck:
         if not given:
             raise CallTokenError(f"{field_name}: call token missing")
         expected = hmac.new(self._key, start.call_sid.encode(), hashlib.sha256).hexdigest()
-        # ASCII-only before compare_digest, which refuses non-ASCII str; case-insensitive hex.
-        if not (given.isascii() and hmac.compare_digest(given.lower().encode(), expected.encode())):
+        if not same_secret(given.lower(), expected):  # case-insensitive hex
             raise CallTokenError(f"{field_name}: call token invalid for this callSid")
         if start.call_sid in self._seen:
             raise CallTokenError(f"{field_name}: call token already used (callSid seen before)")

@@ -34,7 +34,6 @@ from the request alone, synchronously (`voice`, `after`).
 
 from __future__ import annotations
 
-import hmac
 import logging
 import urllib.parse
 from collections import OrderedDict
@@ -45,7 +44,7 @@ from agentd import logsafe, twiml
 from agentd.config import Config
 from agentd.errors import CallProtocolError
 from agentd.http1 import Handler, Request, Response, Routes
-from agentd.security import SIGNATURE_HEADER, make_call_token, twilio_signature
+from agentd.security import SIGNATURE_HEADER, make_call_token, same_secret, twilio_signature
 
 __all__ = ["CallOutcomes", "Webhook", "WebhookError", "WebhookUrls", "parse_form", "post_signature",
            "webhook_urls"]
@@ -189,7 +188,7 @@ class Webhook:
     def _signed(self, url: str, request: Request, pairs: Iterable[tuple[str, str]]) -> bool:
         given = request.header(SIGNATURE_HEADER)  # None unless sent exactly once
         expected = post_signature(self._auth_token or "", url, pairs)
-        return given is not None and given.isascii() and hmac.compare_digest(given.strip(), expected)
+        return given is not None and same_secret(given.strip(), expected)
 
 
 def _handler(answer: Callable[[Request], Response]) -> Handler:
