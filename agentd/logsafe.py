@@ -23,7 +23,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable
 
-__all__ = ["DEFAULT_LIMIT", "escape", "is_sid", "redact", "sid"]
+__all__ = ["DEFAULT_LIMIT", "escape", "excerpt", "is_sid", "redact", "sid"]
 
 DEFAULT_LIMIT = 200  # characters of one peer value in one log line
 _SID_EXCERPT = 40
@@ -49,6 +49,13 @@ def escape(text: str, limit: int = DEFAULT_LIMIT) -> str:
         text = text[:limit]
     safe = "".join(c if c.isprintable() else _escape_char(c) for c in text)
     return f"{safe}...(+{cut} chars)" if cut > 0 else safe
+
+
+def excerpt(body: bytes, chars: int) -> str:
+    """An upstream's body as one line for an error message: decoded leniently, runs of
+    whitespace made one space, at most `chars` characters (then "...")."""
+    text = " ".join(body.decode("utf-8", "replace").split())
+    return text if len(text) <= chars else text[:chars] + "..."
 
 
 def is_sid(value: str, prefix: str) -> bool:

@@ -32,6 +32,7 @@ from typing import Any
 import httpx
 import trio
 
+from agentd import logsafe
 from agentd.call_tools import error_result
 from agentd.config import BusinessTool
 
@@ -112,5 +113,4 @@ def _parse_answer(tool: BusinessTool, body: bytes) -> ToolOutcome:
 
 
 def _excerpt(body: bytes) -> str:
-    text = " ".join(body.decode("utf-8", "replace").split())
-    return text if len(text) <= _EXCERPT_CHARS else text[:_EXCERPT_CHARS] + "..."
+    return logsafe.excerpt(body, _EXCERPT_CHARS)

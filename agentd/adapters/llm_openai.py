@@ -352,8 +352,7 @@ async def _read_excerpt(response: httpx.Response) -> str:
             body += chunk
             if len(body) >= _EXCERPT_BYTES:
                 break
-    text = " ".join(bytes(body[:_EXCERPT_BYTES]).decode("utf-8", "replace").split())
-    return text if len(text) <= _EXCERPT_CHARS else text[:_EXCERPT_CHARS] + "..."
+    return logsafe.excerpt(bytes(body[:_EXCERPT_BYTES]), _EXCERPT_CHARS)
 
 
 @contextlib.contextmanager
