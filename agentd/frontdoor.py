@@ -92,13 +92,10 @@ class PendingBudget:
 
     def take(self, source: str, holder: object) -> bool:
         """Take a place for `holder` from `source`; False (and nothing taken) when none is free."""
-        holders = self._by_source.setdefault(source, {})
-        if self.held >= self.total or len(holders) >= self.per_source:
-            if not holders:
-                del self._by_source[source]
+        if self.held >= self.total or len(self._by_source.get(source, ())) >= self.per_source:
             return False
         self.held += 1
-        holders[holder] = None
+        self._by_source.setdefault(source, {})[holder] = None
         return True
 
     def give_back(self, source: str, holder: object) -> None:
